@@ -1,0 +1,226 @@
+"""Offline prediction with ONNX Runtime (no torch): `python -m serving.predict [--model DIR] PATH...`.
+
+PATHs are image files, folders (searched recursively) or glob patterns.
+`--evaluate SOURCE` instead scores a labelled class-folder tree (`<class>/*`
+or `test/<class>/*`, as a folder or .tar/.tar.gz such as the shared CIFAR-10
+archive) and prints accuracy and per-class accuracy. Unreadable files are
+reported on stderr and skipped. Exit status: 0 all good, 1 some files skipped,
+2 bad usage or model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import sys
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from serving.model import ExportedModel, ModelError, load_backend, load_model_dir, verify_checksums
+from serving.preprocess import ImageError, decode_image, pixels_to_input, softmax, top_k
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+OFFLINE_BACKENDS = ("onnx", "onnx_int8")
+
+
+def expand_paths(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files, folders (recursive, image suffixes only) and globs -> (files, [(pattern, problem)])."""
+    files, problems = [], []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files += found
+            if not found:
+                problems.append((pattern, "folder holds no image files"))
+        elif path.is_file():
+            files.append(path)
+        elif glob.has_magic(pattern):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            files += matches
+            if not matches:
+                problems.append((pattern, "pattern matches no files"))
+        else:
+            problems.append((pattern, "no such file or folder"))
+    return files, problems
+
+
+def labelled_items(source: Path, class_names: list[str]) -> Iterator[tuple[str, int, bytes]]:
+    """(name, label, bytes) of a class-folder tree or archive; prefers its test/ split if it has one."""
+    index = {name: i for i, name in enumerate(class_names)}
+
+    def label_of(parts: tuple[str, ...]) -> int | None:
+        if len(parts) < 2 or Path(parts[-1]).suffix.lower() not in IMAGE_SUFFIXES:
+            return None
+        if parts[-2] not in index:
+            raise ValueError(
+                f"folder {parts[-2]!r} in {str(source)!r} is not a class of this model ({', '.join(class_names)})"
+            )
+        return index[parts[-2]]
+
+    if source.is_dir():
+        root = source / "test" if (source / "test").is_dir() else source
+        for file in sorted(root.rglob("*")):
+            if file.is_file() and (label := label_of(file.relative_to(root).parts)) is not None:
+                yield str(file), label, file.read_bytes()
+        return
+    if not tarfile.is_tarfile(source):
+        raise ValueError(f"{str(source)!r} is neither a folder nor a tar archive of <class>/<image> files")
+    with tarfile.open(source) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        has_test = any("test" in Path(m.name).parts[:-2] for m in members)
+        for member in members:
+            parts = Path(member.name).parts
+            if has_test and (len(parts) < 3 or parts[-3] != "test"):
+                continue
+            if (label := label_of(parts)) is not None:
+                yield member.name, label, tar.extractfile(member).read()
+
+
+def predict_stream(
+    model: ExportedModel, run, items: Iterable[tuple[str, bytes]], batch_size: int, total: int | None
+) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+    """Yield (name, probabilities or None, error or None) in input order, inferring in batches."""
+    pending: list[tuple[str, np.ndarray]] = []
+
+    def flush() -> Iterator[tuple[str, np.ndarray, None]]:
+        probabilities = softmax(run(pixels_to_input(np.stack([p for _, p in pending]), model.contract)))
+        for (name, _), row in zip(pending, probabilities, strict=True):
+            yield name, row, None
+        pending.clear()
+
+    for name, data in tqdm(items, total=total, unit="img", desc="predicting", disable=None, file=sys.stderr):
+        try:
+            pending.append((name, decode_image(data, model.contract, name=name)))
+        except ImageError as err:
+            yield name, None, str(err)
+        if len(pending) >= batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def _print_results(results: list[tuple[str, np.ndarray]], class_names: list[str], k: int, fmt: str) -> None:
+    ranked = top_k(np.stack([p for _, p in results]), class_names, k) if results else []
+    if fmt == "json":
+        json.dump(
+            [{"path": name, "predictions": preds} for (name, _), preds in zip(results, ranked, strict=True)],
+            sys.stdout,
+            indent=2,
+        )
+        print()
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "rank", "label", "probability"])
+        for (name, _), preds in zip(results, ranked, strict=True):
+            for rank, p in enumerate(preds, 1):
+                writer.writerow([name, rank, p["label"], f"{p['probability']:.6f}"])
+    else:
+        width = max((len(name) for name, _ in results), default=4)
+        for (name, _), preds in zip(results, ranked, strict=True):
+            print(f"{name:<{width}}  " + "  ".join(f"{p['label']} {100 * p['probability']:5.1f}%" for p in preds))
+
+
+def evaluate(model: ExportedModel, run, source: Path, batch_size: int) -> tuple[dict, int]:
+    """Accuracy and per-class accuracy on a labelled source; returns (summary, files skipped)."""
+    labels: dict[str, int] = {}
+
+    def items() -> Iterator[tuple[str, bytes]]:
+        for name, label, data in labelled_items(source, model.class_names):
+            labels[name] = label
+            yield name, data
+
+    k = len(model.class_names)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    skipped = 0
+    for name, probabilities, error in predict_stream(model, run, items(), batch_size, total=None):
+        if error:
+            print(f"skipped {error}", file=sys.stderr)
+            skipped += 1
+        else:
+            confusion[labels[name], int(probabilities.argmax())] += 1
+    total = int(confusion.sum())
+    per_class = {c: float(confusion[i, i] / max(1, confusion[i].sum())) for i, c in enumerate(model.class_names)}
+    return {
+        "images": total,
+        "skipped": skipped,
+        "accuracy": float(np.trace(confusion) / max(1, total)),
+        "per_class_accuracy": per_class,
+    }, skipped
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m serving.predict", description=__doc__.split("\n\n")[0],
+                                     epilog="Exit status: 0 all good, 1 some files skipped, 2 bad usage or model.")  # fmt: skip
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders or glob patterns")
+    parser.add_argument("--model", help="exported model folder (default: $CLASSIFIER_MODEL or exported_models/default)")
+    parser.add_argument(
+        "--backend", choices=OFFLINE_BACKENDS, default="onnx", help="ONNX Runtime fp32 or INT8 (default: onnx)"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default: 64)")
+    parser.add_argument("--top-k", type=int, default=3, help="labels shown per image (default: 3)")
+    parser.add_argument(
+        "--format", choices=("table", "csv", "json"), default="table", help="output format (default: table)"
+    )
+    parser.add_argument("--evaluate", metavar="SOURCE", help="score a labelled class-folder tree or .tar(.gz) instead")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: all cores)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.paths) == bool(args.evaluate):
+        parser.error("give image PATHs or --evaluate SOURCE (one of the two)")
+    if args.batch_size < 1 or args.top_k < 1 or args.threads < 0:
+        parser.error("--batch-size and --top-k must be >= 1, --threads >= 0")
+    try:
+        model = load_model_dir(args.model)
+        verify_checksums(model, [args.backend])
+        run = load_backend(model, args.backend, threads=args.threads or None)
+    except (ModelError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    if args.evaluate:
+        source = Path(args.evaluate)
+        if not source.exists():
+            print(f"error: {str(source)!r} does not exist", file=sys.stderr)
+            return 2
+        try:
+            summary, skipped = evaluate(model, run, source, args.batch_size)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if args.format == "json":
+            print(json.dumps({"model": model.name, "source": str(source), **summary}, indent=2))
+        else:
+            print(f"{model.name} on {source}: accuracy {100 * summary['accuracy']:.2f}% over {summary['images']} images"
+                  + (f" ({skipped} skipped)" if skipped else ""))  # fmt: skip
+            for name, acc in summary["per_class_accuracy"].items():
+                print(f"  {name:<12} {100 * acc:6.2f}%")
+        return 1 if skipped else 0
+
+    files, problems = expand_paths(args.paths)
+    for pattern, problem in problems:
+        print(f"skipped {pattern}: {problem}", file=sys.stderr)
+    results, skipped = [], len(problems)
+    items = ((str(f), f.read_bytes()) for f in files)
+    for name, probabilities, error in predict_stream(model, run, items, args.batch_size, total=len(files)):
+        if error:
+            print(f"skipped {error}", file=sys.stderr)
+            skipped += 1
+        else:
+            results.append((name, probabilities))
+    _print_results(results, model.class_names, args.top_k, args.format)
+    return 1 if skipped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Turn uploaded image bytes or raw pixels into the model's input, as its manifest's contract says.
+
+The service and the offline predictor both call these functions, so the same
+file gives the same answer through either. Pillow and numpy only.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000  # declared width x height; larger is refused before decoding (decompression bombs)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class ImageError(ValueError):
+    """The bytes are not an image this service can use; the message says why."""
+
+
+def decode_image(
+    data: bytes, contract: dict, *, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Image file bytes (PNG, JPEG, BMP, GIF, WebP, TIFF; any size or mode) -> uint8 (H, W, 3) RGB
+    at the contract's size. Raises ImageError naming `name` for anything unusable."""
+    if not data:
+        raise ImageError(f"{name}: the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size  # from the header: nothing decoded yet
+            if width * height > max_pixels:
+                raise ImageError(f"{name}: declared size {width}x{height} exceeds the limit of {max_pixels:,} pixels")
+            image.seek(0)  # first frame of animations (GIF, WebP, multi-page TIFF)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except ImageError:
+        raise
+    except UnidentifiedImageError as err:
+        raise ImageError(f"{name}: not a recognised image format (PNG, JPEG, BMP, GIF, WebP or TIFF)") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{name}: refused as a possible decompression bomb ({err})") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageError(f"{name}: truncated or corrupt image ({err})") from err
+    return to_contract_pixels(image, contract)
+
+
+def to_contract_pixels(image: Image.Image, contract: dict) -> np.ndarray:
+    """Any Pillow image -> uint8 (H, W, 3) RGB of the contract's size (see trainer.contract)."""
+    rule = contract["preprocess"]
+    _, _, height, width = contract["shape"]
+    if image.mode in _SIXTEEN_BIT_MODES:
+        if rule["sixteen_bit"] != "scale_to_8_bit":
+            raise ValueError(f"unsupported contract rule sixteen_bit={rule['sixteen_bit']!r}")
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values * (255.0 / peak), 0, 255).round().astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        if rule["alpha"] != "composite_on_white":
+            raise ValueError(f"unsupported contract rule alpha={rule['alpha']!r}")
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    image = image.convert("RGB")  # L, P, CMYK, YCbCr, 1, F ... -> RGB
+    if image.size != (width, height):
+        if rule["resize"] != "center_crop_to_aspect_then_resize":
+            raise ValueError(f"unsupported contract rule resize={rule['resize']!r}")
+        resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[rule["resample"]]
+        image = ImageOps.fit(image, (width, height), method=resample)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def pixels_to_input(pixels: np.ndarray, contract: dict) -> np.ndarray:
+    """uint8 (N, H, W, 3) RGB pixels -> the model input the contract describes (float32 NCHW in [0, 1])."""
+    _, channels, height, width = contract["shape"]
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (height, width, channels):
+        raise ValueError(
+            f"pixels must be uint8 of shape (N, {height}, {width}, {channels}); got {pixels.dtype} {pixels.shape}"
+        )
+    if contract["layout"] != "NCHW" or contract["dtype"] != "float32":
+        raise ValueError(f"unsupported input contract layout={contract['layout']!r} dtype={contract['dtype']!r}")
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(contract["pixel_divisor"])
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def top_k(probabilities: np.ndarray, class_names: list[str], k: int) -> list[list[dict]]:
+    """Per row, the k most probable classes as [{"label", "probability"}], most probable first."""
+    k = max(1, min(k, len(class_names)))
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [
+        [{"label": class_names[j], "probability": float(row[j])} for j in idx]
+        for row, idx in zip(probabilities, order, strict=True)
+    ]

@@ -1,0 +1,35 @@
+"""Service settings: `bentoml serve --arg name=value`, else $CLASSIFIER_<NAME>, else the default."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class ServiceSettings(BaseModel):
+    model: str = ""  # exported model folder; empty: $CLASSIFIER_MODEL or exported_models/default
+    backend: Literal["onnx", "onnx_int8", "torchscript"] = "onnx"
+    # 1 worker x 2 intra-op threads measured best on 2 cores (see the README's load
+    # benchmark): one queue sees all traffic so batches fill; 2 workers halve them.
+    workers: int = Field(1, ge=1)
+    threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0: cores / workers
+    max_batch_size: int = Field(64, ge=2)  # images per adaptive batch
+    max_latency_ms: int = Field(250, ge=1)  # the dispatcher refuses work it expects to take longer (503)
+    max_concurrency: int = Field(256, ge=1)  # requests in flight per worker; more get 429 (bounded queue)
+    timeout_s: int = Field(10, ge=1)
+    max_images: int = Field(64, ge=1)  # images per /classify request
+    max_body_mb: float = Field(16.0, gt=0)
+    max_pixels: int = Field(40_000_000, ge=1)  # declared width x height per image (decompression bombs)
+    warmup_s: float = Field(0.0, ge=0)  # keep warming up at least this long (tests use it to observe /readyz)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_environment(cls, values: dict | None) -> dict:
+        values = dict(values or {})
+        for name in cls.model_fields:
+            env = os.environ.get(f"CLASSIFIER_{name.upper()}")
+            if name not in values and env is not None:
+                values[name] = env
+        return values

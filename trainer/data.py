@@ -1,0 +1,336 @@
+"""CIFAR-10 loading: official python archive or class-folder tree, decoded once and cached.
+
+Sources `load_dataset` understands:
+
+- the official python version: `cifar-10-python.tar.gz`, an extracted
+  `cifar-10-batches-py/` folder, or a folder holding either; with
+  `download=True` a missing source is fetched there through torchvision;
+- a class-folder tree `train/<class>/*` and `test/<class>/*` (PNG, JPEG, ...)
+  as a directory or a `.tar` / `.tar.gz` (the layout of the shared JPEG copy).
+
+The decoded uint8 arrays are cached (keyed by the source's path, size and
+modification time) so that a second run starts in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_SIZE = 32
+OFFICIAL_FOLDER = "cifar-10-batches-py"
+OFFICIAL_ARCHIVE = "cifar-10-python.tar.gz"
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Decoded CIFAR-style data: images are uint8 (N, 32, 32, 3) RGB, labels int64 (N,)."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: tuple[str, ...]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "resnet-cifar"
+
+
+def load_dataset(source: str | Path, cache_dir: Path | None = None, download: bool = False) -> Dataset:
+    """Load (and cache) the data set at `source`; see the module docstring for layouts."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        if not download:
+            raise FileNotFoundError(
+                f"data source {str(path)!r} does not exist; pass an existing CIFAR-10 archive or "
+                f"folder, or add --download to fetch the official release into it"
+            )
+        return _download_official(path, cache_dir)
+    if download and path.is_dir() and _find_official(path) is None and not _is_class_tree(path):
+        return _download_official(path, cache_dir)
+    cache_file = _cache_path(path, cache_dir)
+    if cache_file is not None and cache_file.exists():
+        try:
+            return _read_cache(cache_file, path)
+        except (OSError, ValueError, KeyError, pickle.UnpicklingError) as err:
+            log.warning("ignoring unreadable cache %s (%s); decoding again", cache_file, err)
+    dataset = _decode(path)
+    if cache_file is not None:
+        _write_cache(cache_file, dataset)
+    return dataset
+
+
+def split_validation(
+    images: np.ndarray, labels: np.ndarray, val_size: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Carve `val_size` images out of the training set: (train_x, train_y, val_x, val_y).
+
+    The split depends only on `seed` (not on the training seed), so every run
+    selecting hyper-parameters sees the same validation images.
+    """
+    if not 0 <= val_size < len(images):
+        raise ValueError(f"--val-size must be in [0, {len(images) - 1}], got {val_size}")
+    order = np.random.default_rng(seed).permutation(len(images))
+    val, train = np.sort(order[:val_size]), np.sort(order[val_size:])
+    return images[train], labels[train], images[val], labels[val]
+
+
+# ------------------------------------------------------------------ detection
+
+
+def _find_official(path: Path) -> Path | None:
+    """Return the official archive or batch folder at or inside `path`, if any."""
+    if path.is_file():
+        return path if _archive_has(path, f"{OFFICIAL_FOLDER}/data_batch_1") else None
+    for candidate in (path, path / OFFICIAL_FOLDER):
+        if (candidate / "data_batch_1").is_file():
+            return candidate
+    if (path / OFFICIAL_ARCHIVE).is_file():
+        return path / OFFICIAL_ARCHIVE
+    return None
+
+
+def _is_class_tree(path: Path) -> bool:
+    return (path / "train").is_dir() and (path / "test").is_dir()
+
+
+def _archive_has(path: Path, member_suffix: str) -> bool:
+    if not tarfile.is_tarfile(path):
+        return False
+    with tarfile.open(path) as tar:
+        return any(name.endswith(member_suffix) for name in tar.getnames())
+
+
+def _decode(path: Path) -> Dataset:
+    official = _find_official(path)
+    if official is not None:
+        return _read_official(official)
+    if path.is_dir():
+        if _is_class_tree(path):
+            return _read_class_tree(path)
+        raise ValueError(
+            f"unknown data layout in {str(path)!r}: expected train/<class>/* and test/<class>/* "
+            f"image folders, or the official {OFFICIAL_FOLDER}/ batches"
+        )
+    if tarfile.is_tarfile(path):
+        return _read_class_tar(path)
+    raise ValueError(
+        f"unknown data source {str(path)!r}: not a folder or a tar archive; expected the official "
+        f"{OFFICIAL_ARCHIVE} or a .tar/.tar.gz of train/<class>/* and test/<class>/* images"
+    )
+
+
+# ------------------------------------------------------------------ official format
+
+
+def _read_official(location: Path) -> Dataset:
+    def read_batches(read: callable) -> Dataset:
+        meta = read("batches.meta")
+        names = tuple(n.decode() if isinstance(n, bytes) else n for n in meta[b"label_names"])
+        train = [read(f"data_batch_{i}") for i in range(1, 6)]
+        test = read("test_batch")
+
+        def to_arrays(batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+            data = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+            labels = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batches])
+            return np.ascontiguousarray(data.transpose(0, 2, 3, 1)), labels
+
+        train_x, train_y = to_arrays(train)
+        test_x, test_y = to_arrays([test])
+        return Dataset(train_x, train_y, test_x, test_y, names, str(location))
+
+    def unpickle(raw: bytes, name: str) -> dict:
+        try:
+            return pickle.loads(raw, encoding="bytes")
+        except Exception as err:  # pickle raises many types on corrupt input
+            raise ValueError(f"corrupt CIFAR-10 batch {name!r} in {str(location)!r}: {err}") from err
+
+    if location.is_dir():
+
+        def read_file(name: str) -> dict:
+            file = location / name
+            if not file.is_file():
+                raise FileNotFoundError(f"official CIFAR-10 folder {str(location)!r} lacks {name!r}")
+            return unpickle(file.read_bytes(), str(file))
+
+        return read_batches(read_file)
+
+    with tarfile.open(location) as tar:
+        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+
+        def read_member(name: str) -> dict:
+            if name not in members:
+                raise FileNotFoundError(f"official CIFAR-10 archive {str(location)!r} lacks {name!r}")
+            return unpickle(tar.extractfile(members[name]).read(), f"{location}:{name}")
+
+        return read_batches(read_member)
+
+
+def _download_official(path: Path, cache_dir: Path | None) -> Dataset:
+    from torchvision.datasets import CIFAR10  # only needed for this path
+
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        CIFAR10(root=str(path), train=True, download=True)
+    except OSError as err:  # URLError is an OSError
+        raise RuntimeError(
+            f"could not download CIFAR-10 into {str(path)!r} ({err}); this machine seems to be "
+            f"offline: download {OFFICIAL_ARCHIVE} elsewhere and pass its path with --data"
+        ) from err
+    return load_dataset(path, cache_dir, download=False)
+
+
+# ------------------------------------------------------------------ class-folder trees
+
+
+def _decode_image(raw: bytes, name: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            array = np.asarray(image.convert("RGB"))
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ...
+        raise ValueError(f"corrupt or unreadable image {name!r}: {err}") from err
+    if array.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise ValueError(
+            f"image {name!r} is {array.shape[1]}x{array.shape[0]}; CIFAR-style data sets must be "
+            f"{IMAGE_SIZE}x{IMAGE_SIZE} (resize them first)"
+        )
+    return array
+
+
+def _split_entries(entries: list[tuple[str, str, object]], origin: str) -> tuple[tuple[str, ...], list, list]:
+    """Group (split, class, handle) entries; check both splits have the same classes."""
+    classes = {split: sorted({c for s, c, _ in entries if s == split}) for split in ("train", "test")}
+    for split in ("train", "test"):
+        if not classes[split]:
+            raise ValueError(f"no images found under {split}/<class>/ in {origin!r}")
+    if classes["train"] != classes["test"]:
+        only_train = sorted(set(classes["train"]) - set(classes["test"]))
+        only_test = sorted(set(classes["test"]) - set(classes["train"]))
+        raise ValueError(
+            f"class names differ between train and test in {origin!r}: only in train {only_train}, "
+            f"only in test {only_test}"
+        )
+    names = tuple(classes["train"])
+    index = {c: i for i, c in enumerate(names)}
+    train = sorted((index[c], h) for s, c, h in entries if s == "train")
+    test = sorted((index[c], h) for s, c, h in entries if s == "test")
+    return names, train, test
+
+
+def _decode_all(items: list[tuple[int, str]], read: callable, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray([label for label, _ in items], dtype=np.int64)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        # Pillow releases the GIL while decoding, so threads give real parallelism.
+        decoded = pool.map(lambda item: _decode_image(read(item[1]), item[1]), items)
+        images = list(tqdm(decoded, total=len(items), desc=desc, unit="img", leave=False))
+    return np.stack(images), labels
+
+
+def _read_class_tree(root: Path) -> Dataset:
+    entries = [
+        (split, file.parent.name, str(file))
+        for split in ("train", "test")
+        for file in (root / split).glob("*/*")
+        if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file()
+    ]
+    names, train, test = _split_entries(entries, str(root))
+    train_x, train_y = _decode_all(train, lambda f: Path(f).read_bytes(), "decoding train")
+    test_x, test_y = _decode_all(test, lambda f: Path(f).read_bytes(), "decoding test")
+    return Dataset(train_x, train_y, test_x, test_y, names, str(root))
+
+
+def _read_class_tar(archive: Path) -> Dataset:
+    with tarfile.open(archive) as tar:
+        raw: dict[str, bytes] = {}
+        entries = []
+        for member in tar:
+            parts = Path(member.name).parts
+            # Accept an optional top-level folder: [prefix/]split/class/file.
+            if not member.isfile() or len(parts) < 3 or parts[-3] not in ("train", "test"):
+                continue
+            if Path(member.name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            raw[member.name] = tar.extractfile(member).read()
+            entries.append((parts[-3], parts[-2], member.name))
+    if not entries:
+        raise ValueError(
+            f"unknown layout in archive {str(archive)!r}: no train/<class>/* or test/<class>/* "
+            f"images and no official {OFFICIAL_FOLDER}/ batches"
+        )
+    names, train, test = _split_entries(entries, str(archive))
+    read = lambda name: raw[name]
+    train_x, train_y = _decode_all(train, read, "decoding train")
+    test_x, test_y = _decode_all(test, read, "decoding test")
+    return Dataset(train_x, train_y, test_x, test_y, names, str(archive))
+
+
+# ------------------------------------------------------------------ cache
+
+
+def _source_fingerprint(path: Path) -> str:
+    """Identity of a source: its resolved path plus the size and mtime of every file in it."""
+    digest = hashlib.sha256(f"v{CACHE_FORMAT}:{path.resolve()}".encode())
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    for file in files:
+        if file.is_file():
+            stat = file.stat()
+            digest.update(
+                f"{file.relative_to(path) if path.is_dir() else ''}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+            )
+    return digest.hexdigest()[:24]
+
+
+def _cache_path(path: Path, cache_dir: Path | None) -> Path | None:
+    cache_dir = cache_dir or default_cache_dir()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        log.warning("cannot create cache folder %s (%s); decoding without a cache", cache_dir, err)
+        return None
+    return cache_dir / f"cifar-{_source_fingerprint(path)}.npz"
+
+
+def _read_cache(file: Path, path: Path) -> Dataset:
+    with np.load(file, allow_pickle=False) as z:
+        return Dataset(
+            z["train_images"], z["train_labels"], z["test_images"], z["test_labels"],
+            tuple(str(n) for n in z["class_names"]), str(path),
+        )  # fmt: skip
+
+
+def _write_cache(file: Path, dataset: Dataset) -> None:
+    tmp = file.with_suffix(f".{os.getpid()}.tmp.npz")
+    try:
+        np.savez(
+            tmp,
+            train_images=dataset.train_images, train_labels=dataset.train_labels,
+            test_images=dataset.test_images, test_labels=dataset.test_labels,
+            class_names=np.asarray(dataset.class_names),
+        )  # fmt: skip
+        os.replace(tmp, file)
+    except OSError as err:
+        log.warning("could not write data cache %s (%s)", file, err)
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,75 @@
+"""Process-group helpers for `torchrun` (DDP): NCCL on GPUs, gloo on CPUs."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its rank among `world_size` and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but CUDA is not available; use --device cpu or auto")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_runtime(requested_device: str) -> Runtime:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device, local_rank)
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    return Runtime(rank, world_size, local_rank, device)
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()
+
+
+def broadcast_flag(runtime: Runtime, flag: bool) -> bool:
+    """Rank 0's boolean, on every rank (to stop all ranks together)."""
+    if not runtime.distributed:
+        return flag
+    tensor = torch.tensor([int(flag)], device=runtime.device)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+def all_reduce_sum(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:
+    if runtime.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()

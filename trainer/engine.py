@@ -1,0 +1,174 @@
+"""The training step and its parts: precision, optimizer groups, lr schedule, weight averaging."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss becomes NaN or infinite; names the step."""
+
+
+# ------------------------------------------------------------------ precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    if platform.system() == "Linux" and Path("/proc/cpuinfo").exists():
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return platform.machine() == "arm64" and torch.backends.mps.is_available()  # Apple M2+ has bf16
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """Map --precision auto to what the hardware does well; warn on slow explicit choices."""
+    if device.type == "cuda":
+        if requested == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return requested
+    if requested == "fp16":
+        raise ValueError("--precision fp16 is for CUDA; on CPU use bf16 (if natively supported) or fp32")
+    native = cpu_has_native_bf16()
+    if requested == "auto":
+        if not native:
+            log.info("CPU lacks native bf16 (AVX512-BF16/AMX): training in fp32")
+        return "bf16" if native else "fp32"
+    if requested == "bf16" and not native:
+        log.warning("--precision bf16 on a CPU without native bf16 is emulated and much slower than fp32")
+    return requested
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------ optimizer and schedule
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Param groups: BatchNorm shifts (lr x bias_lr_scale, same decay per step), the
+    whitening bias (frozen after --whiten-bias-epochs), and everything else."""
+    groups: dict[str, list[nn.Parameter]] = {"norm_bias": [], "whiten_bias": [], "other": []}
+    norm_params = {
+        id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()
+    }
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith("whiten.bias"):
+            groups["whiten_bias"].append(param)
+        elif id(param) in norm_params:
+            groups["norm_bias"].append(param)
+        else:
+            groups["other"].append(param)
+    scale = config.bias_lr_scale
+    settings = {
+        "norm_bias": dict(lr=config.lr * scale, weight_decay=config.weight_decay / scale),
+        "whiten_bias": dict(lr=config.lr, weight_decay=config.weight_decay),
+        "other": dict(lr=config.lr, weight_decay=config.weight_decay),
+    }
+    param_groups = [
+        dict(params=params, name=name, base_lr=settings[name]["lr"], **settings[name])
+        for name, params in groups.items()
+        if params
+    ]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(param_groups, betas=(config.momentum, 0.999))
+    return torch.optim.SGD(param_groups, momentum=config.momentum, nesterov=config.momentum > 0)
+
+
+def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Linear warm-up from start_lr_ratio to 1, then linear or cosine decay to final_lr_ratio."""
+    warmup_steps = int(total_steps * config.warmup)
+    if step < warmup_steps:
+        frac = step / warmup_steps
+        return config.start_lr_ratio + (1 - config.start_lr_ratio) * frac
+    frac = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if config.schedule == "cosine":
+        frac = 0.5 * (1 - math.cos(math.pi * frac))
+    return 1 + (config.final_lr_ratio - 1) * frac
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float, freeze_whiten_bias: bool) -> float:
+    for group in optimizer.param_groups:
+        frozen = freeze_whiten_bias and group["name"] == "whiten_bias"
+        group["lr"] = 0.0 if frozen else group["base_lr"] * factor
+    return factor * optimizer.param_groups[-1]["base_lr"]
+
+
+# ------------------------------------------------------------------ weight averaging
+
+
+class Lookahead:
+    """airbench's lookahead: every 5 steps pull the weights (and BN statistics) towards
+    a slow copy and continue from the blend. The blend weight grows as (t/T)^3, so
+    early training is untouched and the end averages over its last few hundred steps."""
+
+    every = 5
+
+    def __init__(self, model: nn.Module):
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int, total_steps: int) -> None:
+        decay = 1.0 if step >= total_steps else 0.95**self.every * (step / total_steps) ** 3
+        state = model.state_dict()
+        for key, slow in self.slow.items():
+            slow.lerp_(state[key], 1 - decay)
+            state[key].copy_(slow)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.slow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            self.slow[key].copy_(value)
+
+
+@dataclass
+class StepStats:
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    device: torch.device,
+    precision: str,
+    label_smoothing: float,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step; returns the (detached) mean loss and the number correct."""
+    with autocast(device, precision):
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach(), (logits.detach().argmax(1) == labels).sum()

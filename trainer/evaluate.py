@@ -1,0 +1,78 @@
+"""Evaluation: logits with and without test-time augmentation, accuracy, per-class accuracy, confusion."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.augment import normalize
+from trainer.engine import autocast
+
+
+def _mirror_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    plain = model(x)
+    return plain, 0.5 * (plain + model(x.flip(-1)))
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    tta: int = 0,
+    batch_size: int = 1000,
+    precision: str = "fp32",
+    channels_last: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of uint8 (N, 3, H, W) images: (plain, with TTA), both float32 on the CPU.
+
+    TTA levels (airbench94): 1 averages the image and its mirror; 2 also averages
+    the mirror pair of the image shifted one pixel up-left and down-right.
+    """
+    was_training = model.training
+    model.eval()
+    device = images.device
+    plain_out, tta_out = [], []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = normalize(images[start : start + batch_size], mean, std)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                if tta == 0:
+                    plain = tta_logits = model(x)
+                else:
+                    plain, tta_logits = _mirror_logits(model, x)
+                if tta == 2:
+                    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+                    h, w = x.shape[-2:]
+                    shifted = [padded[:, :, :h, :w], padded[:, :, 2 : h + 2, 2 : w + 2]]
+                    shifted_logits = torch.stack([_mirror_logits(model, s)[1] for s in shifted]).mean(0)
+                    tta_logits = 0.5 * tta_logits + 0.5 * shifted_logits
+            plain_out.append(plain.float().cpu())
+            tta_out.append(tta_logits.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(plain_out), torch.cat(tta_out)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels.cpu()).float().mean().item()
+
+
+def classification_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:
+    """Overall and per-class accuracy (as the seed's accuracy_monitor) and the confusion matrix
+    (rows: true class, columns: predicted)."""
+    labels = labels.cpu()
+    predicted = logits.argmax(1)
+    k = len(class_names)
+    confusion = torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
+    per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
+    return {
+        "accuracy": (predicted == labels).float().mean().item(),
+        "per_class_accuracy": {name: per_class[i].item() for i, name in enumerate(class_names)},
+        "confusion_matrix": confusion.tolist(),
+    }

@@ -1,0 +1,353 @@
+"""Export a checkpoint to ONNX, TorchScript and INT8 ONNX, behind parity gates.
+
+    python -m trainer.export runs/my-run --out exported_models/my-model
+
+Every artifact takes the input contract of `trainer.contract` and is checked
+against the eager PyTorch model on real test images at several batch sizes
+before anything is written: fp32 artifacts must match the logits within
+rtol/atol and agree on every top-1 label; the INT8 model must stay within
+0.5 accuracy points of fp32. A failed gate exits non-zero and leaves no
+partial files (artifacts are built in a temporary folder and renamed at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from serving.model import sha256_of
+from serving.preprocess import pixels_to_input
+from trainer.checkpoint import (
+    inference_weights,
+    load_checkpoint,
+    resolve_checkpoint_path,
+)
+from trainer.contract import INPUT_NAME, OUTPUT_NAME, NormalizedModel, input_contract
+from trainer.data import load_dataset, split_validation
+from trainer.models import MODELS, build_model, count_parameters
+from trainer.parity import (
+    ParityError,
+    check_parity,
+    measure_accuracy,
+    onnx_runner,
+    reference_outputs,
+    torch_runner,
+    torchscript_runner,
+)
+from trainer.report import write_json_atomic
+
+log = logging.getLogger("trainer.export")
+MANIFEST_FORMAT = 1
+OPSET = 18
+FP32_RTOL, FP32_ATOL = 1e-3, 1e-4
+INT8_MAX_ACCURACY_DROP = 0.005
+PARITY_BATCH_SIZES = (1, 7, 64)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    int8: bool = True
+    pt2: bool = False
+    parity_images: int = 1000
+    calibration_images: int = 512
+    eval_images: int = 0  # 0: the whole test set
+    name: str | None = None
+
+
+def load_trained_model(checkpoint: str | Path) -> tuple[NormalizedModel, dict]:
+    """Rebuild the checkpoint's model (inference weights, eval mode) wrapped to take the contract's input."""
+    state = load_checkpoint(checkpoint)
+    path = resolve_checkpoint_path(checkpoint)
+    name = state["model_name"]
+    if name not in MODELS:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds architecture {name!r}, which this version does not know; known: {', '.join(MODELS)}"
+        )
+    model = build_model(name, state["num_classes"])
+    result = model.load_state_dict(inference_weights(state), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit architecture {name!r}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]} (was it trained with another version of the model?)"
+        )
+    normalization = state["normalization"]
+    return NormalizedModel(model, normalization["mean"], normalization["std"]).eval(), state
+
+
+# ------------------------------------------------------------------ writers
+
+
+def export_onnx(model: torch.nn.Module, path: Path, opset: int = OPSET) -> None:
+    """fp32 ONNX with a dynamic batch dimension, checked by onnx.checker (full check)."""
+    import onnx
+
+    model.eval()
+    example = torch.rand(2, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=True, opset_version=opset, external_data=False,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes={"image": {0: batch}}, verbose=False,
+        )  # fmt: skip
+    proto = onnx.load(str(path))
+    got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if got != opset:  # asking for < 18 silently yields 18
+        raise RuntimeError(f"ONNX export produced opset {got}, expected {opset}")
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def export_torchscript(model: torch.nn.Module, path: Path) -> None:
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*TorchScript.*deprecated.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..*deprecated.*", category=FutureWarning)
+        traced = torch.jit.trace(model, torch.rand(1, 3, 32, 32))
+        torch.jit.save(torch.jit.freeze(traced), str(path))
+
+
+def export_pt2(model: torch.nn.Module, path: Path) -> None:
+    program = torch.export.export(
+        model.eval(), (torch.rand(2, 3, 32, 32),), dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}}
+    )
+    torch.export.save(program, str(path))
+
+
+def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> None:
+    """Static QDQ INT8 (per-channel int8 weights, uint8 activations) calibrated on training images."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 64)))
+
+        def get_next(self) -> dict | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    prepared = path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    quantize_static(
+        str(prepared), str(path), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+    )  # fmt: skip
+    prepared.unlink()
+
+
+# ------------------------------------------------------------------ orchestration
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}  # fmt: skip
+
+
+def export_checkpoint(
+    checkpoint: str | Path, out: Path, data: str | None, options: ExportOptions, force: bool, command: str
+) -> dict:
+    """Export, gate and write the artifacts and manifest to `out` atomically; returns the manifest."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"output folder {str(out)!r} exists; pass --force to replace it")
+    model, state = load_trained_model(checkpoint)
+    data_source = data or state["config"]["data"]
+    dataset = load_dataset(data_source)
+    if list(dataset.class_names) != state["class_names"]:
+        raise ValueError(
+            f"data {data_source!r} has classes {dataset.class_names}, the checkpoint {state['class_names']}"
+        )
+    # The test set is stored class by class: subsets are drawn at random so every class is in them.
+    contract = input_contract(state["normalization"]["mean"], state["normalization"]["std"])
+    order = np.random.default_rng(0).permutation(len(dataset.test_labels))
+    test_x, test_y = pixels_to_input(dataset.test_images[order], contract), dataset.test_labels[order]
+    if options.eval_images:
+        test_x, test_y = test_x[: options.eval_images], test_y[: options.eval_images]
+    parity_x = test_x[: options.parity_images]
+    train_x, *_ = split_validation(dataset.train_images, dataset.train_labels, 0)
+    calibration = pixels_to_input(
+        train_x[np.random.default_rng(0).permutation(len(train_x))[: options.calibration_images]], contract
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        manifest = _build_artifacts(
+            model, state, staging, parity_x, test_x, test_y, calibration, options, checkpoint, options.name or out.name
+        )
+        manifest["commands"] = {"train": state.get("commands", []), "export": command}
+        manifest["data"] = {"source": str(data_source), "test_images": len(test_y)}
+        write_json_atomic(staging / "manifest.json", manifest)
+        _replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _build_artifacts(
+    model, state, folder: Path, parity_x, test_x, test_y, calibration, options: ExportOptions, checkpoint, name: str
+) -> dict:
+    reference = torch_runner(model)
+    artifacts: dict[str, Path] = {"onnx": folder / "model.onnx", "torchscript": folder / "model.ts"}
+    log.info("exporting ONNX (opset %d) and TorchScript", OPSET)
+    export_onnx(model, artifacts["onnx"])
+    export_torchscript(model, artifacts["torchscript"])
+    if options.pt2:
+        artifacts["torch_export"] = folder / "model.pt2"
+        export_pt2(model, artifacts["torch_export"])
+    runners = {kind: torchscript_runner(p) if kind == "torchscript" else
+               torch_runner(torch.export.load(str(p)).module()) if kind == "torch_export" else onnx_runner(p)
+               for kind, p in artifacts.items()}  # fmt: skip
+
+    parity = {}
+    expected = reference_outputs(reference, parity_x, PARITY_BATCH_SIZES)
+    for kind, runner in runners.items():
+        log.info(
+            "parity gate: %s vs eager PyTorch on %d test images at batch sizes %s",
+            kind,
+            len(parity_x),
+            PARITY_BATCH_SIZES,
+        )
+        parity[kind] = check_parity(kind, expected, runner, parity_x, rtol=FP32_RTOL, atol=FP32_ATOL)
+
+    log.info("measuring test accuracy of every artifact on %d images", len(test_y))
+    accuracy = {"torch_eager": measure_accuracy(reference, test_x, test_y)}
+    for kind, runner in runners.items():
+        accuracy[kind] = measure_accuracy(runner, test_x, test_y)
+    if options.int8:
+        artifacts["onnx_int8"] = folder / "model.int8.onnx"
+        log.info("quantising to INT8 (static QDQ, %d calibration images from the training set)", len(calibration))
+        export_int8(artifacts["onnx"], artifacts["onnx_int8"], calibration)
+        int8_runner = onnx_runner(artifacts["onnx_int8"])
+        accuracy["onnx_int8"] = measure_accuracy(int8_runner, test_x, test_y)
+        fp32_top1 = np.concatenate([runners["onnx"](test_x[i : i + 256]) for i in range(0, len(test_x), 256)]).argmax(1)
+        int8_top1 = np.concatenate([int8_runner(test_x[i : i + 256]) for i in range(0, len(test_x), 256)]).argmax(1)
+        drop = accuracy["onnx"] - accuracy["onnx_int8"]
+        parity["onnx_int8"] = {"accuracy_drop": drop, "top1_agreement_with_fp32": float((fp32_top1 == int8_top1).mean()),
+                               "max_accuracy_drop": INT8_MAX_ACCURACY_DROP, "passed": drop <= INT8_MAX_ACCURACY_DROP}  # fmt: skip
+        if drop > INT8_MAX_ACCURACY_DROP:
+            raise ParityError(f"onnx_int8: accuracy {100 * accuracy['onnx_int8']:.2f}% is {100 * drop:.2f} points below fp32 "
+                              f"ONNX ({100 * accuracy['onnx']:.2f}%); the limit is {100 * INT8_MAX_ACCURACY_DROP:.1f}")  # fmt: skip
+
+    files = {kind: {"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_of(p)} for kind, p in artifacts.items()}
+    checkpoint_path = resolve_checkpoint_path(checkpoint)
+    training_report = checkpoint_path.parent / "report.json"
+    return {
+        "format_version": MANIFEST_FORMAT,
+        "name": name,
+        "architecture": state["model_name"],
+        "parameters": count_parameters(model.model),
+        "class_names": state["class_names"],
+        "input": input_contract(state["normalization"]["mean"], state["normalization"]["std"]),
+        "artifacts": files,
+        "test_accuracy": accuracy,
+        "test_accuracy_note": "top-1 on the test set named in data, no TTA, re-measured for every artifact at export",
+        "parity": parity,
+        "opset": OPSET,
+        "versions": _versions(),
+        "training": {
+            "config": state["config"],
+            "steps": state["step"],
+            "checkpoint_sha256": sha256_of(checkpoint_path),
+            "report": _training_summary(training_report),
+        },
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _training_summary(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    import json
+
+    report = json.loads(path.read_text())
+    return {k: report.get(k) for k in ("timing", "train_images_per_s", "environment")} | {
+        "test_accuracy": report["test"]["accuracy"], "test_accuracy_tta": report["test_tta"]["accuracy"],
+        "tta_level": report["test_tta"]["level"],
+    }  # fmt: skip
+
+
+def _replace_folder(staging: Path, out: Path) -> None:
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.export",
+        description="Export a trained checkpoint to ONNX (fp32 and INT8) and TorchScript with parity gates, "
+        "plus manifest.json. Nothing is written unless every gate passes.",
+    )
+    parser.add_argument("checkpoint", help="a run folder (holding checkpoint.pt) or a checkpoint file")
+    parser.add_argument("--out", required=True, help="output folder, e.g. exported_models/my-model")
+    parser.add_argument(
+        "--data", help="CIFAR-10 source for calibration, parity and accuracy (default: the one the run trained on)"
+    )
+    parser.add_argument("--name", help="model name in the manifest (default: the output folder's name)")
+    parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the INT8 ONNX model")
+    parser.add_argument("--pt2", action="store_true", help="also write model.pt2 (torch.export)")
+    parser.add_argument(
+        "--parity-images", type=int, default=1000, help="real test images for the parity gates (default: 1000)"
+    )
+    parser.add_argument(
+        "--calibration-images", type=int, default=512, help="training images for INT8 calibration (default: 512)"
+    )
+    parser.add_argument(
+        "--eval-images", type=int, default=0, help="test images for the accuracy figures (default: 0 = all)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("trainer").setLevel(logging.INFO)
+    if args.parity_images < 1 or args.calibration_images < 1 or args.eval_images < 0:
+        log.error("error: --parity-images and --calibration-images must be >= 1, --eval-images >= 0")
+        return 2
+    options = ExportOptions(int8=args.int8, pt2=args.pt2, parity_images=args.parity_images,
+                            calibration_images=args.calibration_images, eval_images=args.eval_images, name=args.name)  # fmt: skip
+    command = shlex.join(["python", "-m", "trainer.export", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        manifest = export_checkpoint(args.checkpoint, Path(args.out), args.data, options, args.force, command)
+    except ParityError as err:
+        log.error("parity gate failed, nothing written: %s", err)
+        return 3
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        log.error("error: %s", err)
+        return 2
+    acc = manifest["test_accuracy"]
+    log.info("wrote %s: %s", args.out, ", ".join(f"{k} {100 * v:.2f}%" for k, v in acc.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
