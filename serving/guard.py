@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -82,10 +83,11 @@ class RequestGuard:
         request = Request(scope, receive)
         try:
             form = await request.form(max_files=self.max_files, max_fields=len(self.other_fields) + 2)
-        except MultiPartException as err:
-            if "files" in str(err).lower():
+        except (MultiPartException, HTTPException) as err:  # Starlette re-raises MultiPartException as HTTPException
+            detail = str(getattr(err, "detail", err))
+            if "files" in detail.lower():
                 return 413, f"too many images in one request: the limit is {self.max_files}"
-            return 400, f"malformed multipart body ({err}); {how}"
+            return 400, f"malformed multipart body ({detail}); {how}"
         try:
             unknown = sorted(set(form.keys()) - {field, *self.other_fields})
             if unknown:

@@ -51,8 +51,8 @@ def expand_paths(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]
     return files, problems
 
 
-def labelled_items(source: Path, class_names: list[str]) -> Iterator[tuple[str, int, bytes]]:
-    """(name, label, bytes) of a class-folder tree or archive; prefers its test/ split if it has one."""
+def labelled_items(source: Path, class_names: list[str]) -> Iterator[tuple[str, int, bytes | Path]]:
+    """(name, label, bytes or file) of a class-folder tree or archive; prefers its test/ split if it has one."""
     index = {name: i for i, name in enumerate(class_names)}
 
     def label_of(parts: tuple[str, ...]) -> int | None:
@@ -68,7 +68,7 @@ def labelled_items(source: Path, class_names: list[str]) -> Iterator[tuple[str, 
         root = source / "test" if (source / "test").is_dir() else source
         for file in sorted(root.rglob("*")):
             if file.is_file() and (label := label_of(file.relative_to(root).parts)) is not None:
-                yield str(file), label, file.read_bytes()
+                yield str(file), label, file  # read by predict_stream, which reports unreadable files
         return
     if not tarfile.is_tarfile(source):
         raise ValueError(f"{str(source)!r} is neither a folder nor a tar archive of <class>/<image> files")
@@ -84,9 +84,11 @@ def labelled_items(source: Path, class_names: list[str]) -> Iterator[tuple[str, 
 
 
 def predict_stream(
-    model: ExportedModel, run, items: Iterable[tuple[str, bytes]], batch_size: int, total: int | None
+    model: ExportedModel, run, items: Iterable[tuple[str, bytes | Path]], batch_size: int, total: int | None
 ) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
-    """Yield (name, probabilities or None, error or None) in input order, inferring in batches."""
+    """Yield (name, probabilities or None, error or None) in input order, inferring in batches.
+
+    Items hold image bytes or a file to read; a file that cannot be read is an error, like a bad image."""
     pending: list[tuple[str, np.ndarray]] = []
 
     def flush() -> Iterator[tuple[str, np.ndarray, None]]:
@@ -97,9 +99,12 @@ def predict_stream(
 
     for name, data in tqdm(items, total=total, unit="img", desc="predicting", disable=None, file=sys.stderr):
         try:
+            data = data.read_bytes() if isinstance(data, Path) else data
             pending.append((name, decode_image(data, model.contract, name=name)))
         except ImageError as err:
             yield name, None, str(err)
+        except OSError as err:
+            yield name, None, f"{name}: cannot read the file ({err.strerror or err})"
         if len(pending) >= batch_size:
             yield from flush()
     if pending:
@@ -131,7 +136,7 @@ def evaluate(model: ExportedModel, run, source: Path, batch_size: int) -> tuple[
     """Accuracy and per-class accuracy on a labelled source; returns (summary, files skipped)."""
     labels: dict[str, int] = {}
 
-    def items() -> Iterator[tuple[str, bytes]]:
+    def items() -> Iterator[tuple[str, bytes | Path]]:
         for name, label, data in labelled_items(source, model.class_names):
             labels[name] = label
             yield name, data
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     for pattern, problem in problems:
         print(f"skipped {pattern}: {problem}", file=sys.stderr)
     results, skipped = [], len(problems)
-    items = ((str(f), f.read_bytes()) for f in files)
+    items = ((str(f), f) for f in files)
     for name, probabilities, error in predict_stream(model, run, items, args.batch_size, total=len(files)):
         if error:
             print(f"skipped {error}", file=sys.stderr)

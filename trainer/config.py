@@ -129,7 +129,8 @@ RECIPES: dict[str, dict] = {
         schedule="cosine",
     ),
 }
-RECIPES["fast_resnet_wide"] = dict(RECIPES["fast_resnet"], epochs=15.0)
+RECIPES["fast_resnet_256"] = dict(RECIPES["fast_resnet"], epochs=10.0)
+RECIPES["fast_resnet_512"] = dict(RECIPES["fast_resnet"], epochs=15.0)
 _RESNET_RECIPE = dict(
     epochs=30.0, batch_size=256, lr=0.2, momentum=0.9, weight_decay=5e-4, warmup=0.05,
     schedule="cosine", translate=4, label_smoothing=0.1,

@@ -54,3 +54,14 @@ class NormalizedModel(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model((image - self.mean) / self.std)
+
+
+class MirrorAveraged(nn.Module):
+    """Test-time augmentation inside the graph: the mean of the logits of the image and its mirror."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.model(image) + self.model(image.flip(-1)))

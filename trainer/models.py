@@ -114,8 +114,8 @@ class FastResNet(nn.Module):
         patches = patches - patches.mean(dim=0)
         covariance = patches.T @ patches / len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(12, 2, 2, 3)
-        filters = filters.permute(0, 3, 1, 2)  # back to (out, C, kh, kw)
+        # Patches were flattened in (C, kh, kw) order, so each eigenvector reshapes straight to a filter.
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(12, 3, 2, 2)
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
         self.whiten.bias.zero_()
 
@@ -126,13 +126,18 @@ class FastResNet(nn.Module):
         return self.head(x) * self.logit_scale
 
 
-@_register("fast_resnet", "default: whitening stem + 3 residual groups 64/256/256, ~2.3M params")
+@_register("fast_resnet", "default: whitening stem + 3 residual groups 64/128/256, ~1.2M params (sized for CPUs)")
 def _fast_resnet(num_classes: int) -> nn.Module:
-    return FastResNet(num_classes)
+    return FastResNet(num_classes, widths=(64, 128, 256))
 
 
-@_register("fast_resnet_wide", "fast_resnet at 128/384/512 (airbench96-like width), ~8M params")
-def _fast_resnet_wide(num_classes: int) -> nn.Module:
+@_register("fast_resnet_256", "fast_resnet at airbench94's widths 64/256/256, ~2.0M params")
+def _fast_resnet_256(num_classes: int) -> nn.Module:
+    return FastResNet(num_classes, widths=(64, 256, 256))
+
+
+@_register("fast_resnet_512", "fast_resnet at airbench96-like widths 128/384/512, ~6.1M params")
+def _fast_resnet_512(num_classes: int) -> nn.Module:
     return FastResNet(num_classes, widths=(128, 384, 512))
 
 

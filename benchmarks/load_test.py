@@ -1,0 +1,449 @@
+"""HTTP load benchmark of the classification service, against in-process ONNX Runtime as the upper bound.
+
+Starts `bentoml serve serving.service:Classifier` itself (or targets `--url`), then drives POST /classify with real
+CIFAR-10 test JPEGs from the shared archive in a closed loop: at each concurrency level (default 1, 8, 32, 128)
+that many simulated users send one request after another for `--duration` seconds, after `--warmup` seconds that
+are not counted. It reports requests/s, images/s, p50/p95/p99 latency of the answered (200) requests, errors by
+status code, and the requests per model batch (from /metrics). Before any server runs it measures the model alone
+in this process (serving.model.load_backend, `--ort-threads` threads, several batch sizes) and prints each level's
+images/s as a fraction of the best. `--compare-workers` serves 1 worker x 2 threads and 2 workers x 1 thread in
+one run. Results (with the config and machine) go to benchmarks/results/load_test.json, a plot to load_test.png.
+
+Load generation: locust as a library (headless, FastHttpUser on gevent): a well-kept generator that costs little
+CPU per request, which matters when the client shares 2 cores with the server; latencies are recorded exactly
+from its request events. Needs the bench extra: `pip install -e ".[bench]"`.
+
+    python -m benchmarks.load_test                      # ~20 s per level, server started here
+    python -m benchmarks.load_test --compare-workers    # 1x2 vs 2x1 workers x threads (~3 min)
+    python -m benchmarks.load_test --url http://127.0.0.1:3000 --duration 5
+"""
+
+# ruff: noqa: E402 -- gevent must patch the standard library before anything imports socket, ssl or threading
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()  # locust's clients are greenlets; importing locust would patch too, but after urllib/ssl
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from importlib.metadata import version
+from pathlib import Path
+from typing import ClassVar
+
+import matplotlib.pyplot as plt
+import numpy as np
+import psutil
+from locust import FastHttpUser, constant, task
+from locust.env import Environment
+from prometheus_client.parser import text_string_to_metric_families
+from urllib3 import encode_multipart_formdata
+
+from serving.model import default_model_dir, load_backend, load_model_dir, sha256_of
+from serving.preprocess import decode_image, pixels_to_input
+from serving.settings import ServiceSettings
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+ARCHIVE = Path(os.environ.get("CIFAR10_JPEG", REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"))
+SHOWN_SETTINGS = ("workers", "threads", "max_batch_size", "max_latency_ms", "max_concurrency", "timeout_s")
+log = logging.getLogger("load_test")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="target a running service instead of starting one (default: start one)")
+    parser.add_argument("--model", help="exported model folder (default: $CLASSIFIER_MODEL or exported_models/default)")
+    parser.add_argument("--data", default=str(ARCHIVE), help=f"CIFAR-10 JPEG archive (default: {ARCHIVE})")
+    parser.add_argument(
+        "--levels", type=int, nargs="+", default=[1, 8, 32, 128], help="concurrency levels (default: 1 8 32 128)"
+    )
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per level (default: 20)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level (default: 3)")
+    parser.add_argument("--images-per-request", type=int, default=1, help="images in each request (default: 1)")
+    parser.add_argument("--workers", type=int, help="server workers (default: the service's default)")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: cores / workers)")
+    parser.add_argument("--max-batch-size", type=int, help="adaptive batching limit (default: the service's)")
+    parser.add_argument("--max-latency-ms", type=int, help="adaptive batching latency budget (default: the service's)")
+    parser.add_argument(
+        "--compare-workers", action="store_true", help="serve 1 worker x 2 threads, then 2 workers x 1 thread"
+    )
+    parser.add_argument(
+        "--ort-threads",
+        type=int,
+        default=os.cpu_count(),
+        help=f"threads of the in-process bound (default: {os.cpu_count()})",
+    )
+    parser.add_argument(
+        "--ort-batch-sizes",
+        type=int,
+        nargs="+",
+        default=[1, 8, 16, 32, 64, 128],
+        help="batch sizes tried for the bound (default: 1 8 16 32 64 128)",
+    )
+    parser.add_argument("--ort-seconds", type=float, default=3.0, help="seconds per bound batch size (default: 3)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="client timeout per request in s (default: 60)")
+    parser.add_argument(
+        "--out",
+        default=str(RESULTS / "load_test.json"),
+        help="results JSON (default: benchmarks/results/load_test.json)",
+    )
+    parser.add_argument(
+        "--plot", default=str(RESULTS / "load_test.png"), help="plot (default: benchmarks/results/load_test.png)"
+    )
+    return parser
+
+
+# ------------------------------------------------------------------ machine, data, upper bound
+
+
+def environment_info() -> dict:
+    """CPU, cores, memory, load and library versions."""
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    libraries = ("bentoml", "onnxruntime", "numpy", "Pillow", "locust", "starlette", "uvicorn")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_average_1m": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {name: version(name) for name in libraries},
+    }
+
+
+def read_images(archive: Path, count: int) -> list[tuple[str, bytes]]:
+    """`count` test JPEGs, as many from each class, straight from the tar (the test split comes first)."""
+    per_class, found = -(-count // 10), {}
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if member.isfile() and len(parts) == 3 and parts[0] == "test":
+                if len(found.setdefault(parts[1], [])) < per_class:
+                    found[parts[1]].append((member.name, tar.extractfile(member).read()))
+            elif found and parts[0] != "test":
+                break
+    return [item for images in zip(*found.values(), strict=False) for item in images][:count]
+
+
+def measure_ort(model, images: list[tuple[str, bytes]], threads: int, batch_sizes: list[int], seconds: float) -> dict:
+    """Images/s of the model alone (decoded, preprocessed inputs) at each batch size; the best is the bound."""
+    run = load_backend(model, "onnx", threads=threads)
+    inputs = pixels_to_input(np.stack([decode_image(data, model.contract) for _, data in images]), model.contract)
+    by_batch = {}
+    for size in batch_sizes:
+        batch = np.resize(inputs, (size, *inputs.shape[1:]))
+        run(batch)  # first call allocates
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            run(batch)
+            done += size
+        by_batch[size] = done / (time.perf_counter() - start)
+        log.info("in-process ONNX Runtime, batch %d: %.0f images/s", size, by_batch[size])
+    best = max(by_batch, key=by_batch.get)
+    return {
+        "threads": threads,
+        "images_per_s_by_batch": by_batch,
+        "best_batch": best,
+        "best_images_per_s": by_batch[best],
+    }
+
+
+# ------------------------------------------------------------------ the server
+
+
+class Server:
+    """`bentoml serve` in its own session; stop() ends the arbiter and the workers it started with setsid."""
+
+    def __init__(self, overrides: dict[str, object], log_path: Path, home: Path) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        arguments = [item for key, value in overrides.items() for item in ("--arg", f"{key}={value}")]
+        serve = ["-m", "bentoml", "serve", "serving.service:Classifier", "--host", "127.0.0.1", "-p"]
+        command = [sys.executable, *serve, str(self.port), *arguments]
+        env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "1"}
+        self.log_path = log_path
+        with log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"bentoml serve exited {self.process.returncode}:\n{self.log_path.read_text()[-4000:]}"
+                )
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{self.url}/readyz", timeout=5).status == 200:
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"bentoml serve not ready after {timeout:.0f} s:\n{self.log_path.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        children = psutil.Process(self.process.pid).children(recursive=True) if self.process.poll() is None else []
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=15)
+        for process in psutil.wait_procs(children, timeout=5)[1]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=5)
+
+
+def batch_histogram(url: str) -> tuple[float, float]:
+    """(requests, batches) the model service's dispatcher has run so far, from the front's /metrics.
+
+    BentoML's adaptive_batch_size histogram counts requests per batch, not the images in them."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    totals = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name == "bentoml_service_adaptive_batch_size":
+            for sample in family.samples:
+                if sample.labels.get("method_name") == "predict" and not sample.name.endswith("_bucket"):
+                    totals[sample.name.rsplit("_", 1)[-1]] += sample.value
+    return totals["sum"], totals["count"]
+
+
+# ------------------------------------------------------------------ load generation (locust)
+
+
+class ClassifyUser(FastHttpUser):
+    """One closed-loop client: POST /classify, then again at once."""
+
+    wait_time = constant(0)
+    bodies: ClassVar[list[tuple[bytes, str]]] = []  # prebuilt multipart bodies: the client does little work
+    network_timeout = connection_timeout = 60.0
+
+    def on_start(self) -> None:
+        self.turn = id(self) % len(self.bodies)
+
+    @task
+    def classify(self) -> None:
+        body, content_type = self.bodies[self.turn]
+        self.turn = (self.turn + 1) % len(self.bodies)
+        self.client.post("/classify", data=body, headers={"content-type": content_type}, name="/classify")
+
+
+def run_level(url: str, concurrency: int, warmup: float, duration: float) -> dict:
+    """Start `concurrency` users, wait `warmup` s, then return what completed in the next `duration` s."""
+    records: list[tuple[float, float, str]] = []  # (end time, latency ms, outcome)
+
+    def on_request(response_time: float, start_time: float, response=None, exception=None, **_: object) -> None:
+        status = getattr(response, "status_code", 0) or 0
+        outcome = str(status) if status else type(exception).__name__
+        records.append((start_time + response_time / 1000, response_time, outcome))
+
+    env = Environment(user_classes=[ClassifyUser], host=url)
+    env.events.request.add_listener(on_request)
+    runner = env.create_local_runner()
+    load_average = os.getloadavg()[0]  # the machine may be shared: record how busy it was
+    before = batch_histogram(url)
+    runner.start(user_count=concurrency, spawn_rate=min(concurrency, 100))
+    while runner.user_count < concurrency:
+        time.sleep(0.05)
+    time.sleep(warmup)
+    window_start = time.time()
+    time.sleep(duration)
+    window_end = time.time()
+    runner.quit()
+    after = batch_histogram(url)
+    measured = [(latency, outcome) for end, latency, outcome in records if window_start <= end < window_end]
+    latencies = np.array([latency for latency, outcome in measured if outcome == "200"])
+    errors = Counter(outcome for _, outcome in measured if outcome != "200")
+    percentiles = np.percentile(latencies, [50, 95, 99]) if len(latencies) else [float("nan")] * 3
+    requests, batches = after[0] - before[0], after[1] - before[1]
+    return {
+        "concurrency": concurrency,
+        "seconds": window_end - window_start,
+        "requests": len(measured),
+        "ok": len(latencies),
+        "requests_per_s": len(measured) / (window_end - window_start),
+        "ok_requests_per_s": len(latencies) / (window_end - window_start),
+        "p50_ms": percentiles[0],
+        "p95_ms": percentiles[1],
+        "p99_ms": percentiles[2],
+        "errors": dict(errors),
+        "requests_per_batch": requests / batches if batches else None,
+        "client_cpu_over_90_percent": runner.cpu_warning_emitted,
+        "load_average_1m_before": load_average,
+    }
+
+
+# ------------------------------------------------------------------ report
+
+
+def print_level(level: dict, images_per_request: int, bound: float) -> None:
+    images_per_s = level["ok_requests_per_s"] * images_per_request
+    batch = f"{level['requests_per_batch']:9.1f}" if level["requests_per_batch"] else "        -"
+    print(
+        f"  {level['concurrency']:>5} {level['requests_per_s']:9.1f} {images_per_s:9.1f} {100 * images_per_s / bound:6.1f}% "
+        f"{level['p50_ms']:8.1f} {level['p95_ms']:8.1f} {level['p99_ms']:8.1f}  {batch}  {level['errors'] or '-'}"
+    )
+
+
+def plot(result: dict, path: Path) -> None:
+    """Images/s and latency percentiles against concurrency, one line per server config, with the bound."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    n = result["config"]["images_per_request"]
+    for run in result["runs"]:
+        levels = [level["concurrency"] for level in run["levels"]]
+        (line,) = left.plot(
+            levels, [level["ok_requests_per_s"] * n for level in run["levels"]], "o-", label=run["label"]
+        )
+        for key, style in (("p50_ms", "o-"), ("p95_ms", "s--"), ("p99_ms", "^:")):
+            values = [level[key] for level in run["levels"]]
+            right.plot(levels, values, style, color=line.get_color(), label=f"{run['label']} {key[:3]}")
+    bound = result["onnxruntime"]["best_images_per_s"]
+    left.axhline(bound, color="gray", linestyle="--", label=f"ONNX Runtime in-process ({bound:.0f}/s)")
+    left.set(xscale="log", xlabel="concurrent clients", ylabel="images/s answered (200)", title="Throughput")
+    right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency (ms)", title="Latency of 200s")
+    for axis in (left, right):
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+    env = result["environment"]
+    fig.suptitle(
+        f"{env['cpu']} ({env['cores']} cores), {n} image(s)/request, {result['config']['duration']:g} s/level",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def request_bodies(images: list[tuple[str, bytes]], per_request: int) -> list[tuple[bytes, str]]:
+    """Multipart bodies (and their content types) of `per_request` images each, built once."""
+    groups = [images[i : i + per_request] for i in range(0, len(images) - per_request + 1, per_request)]
+    return [encode_multipart_formdata([("images", (Path(n).name, d, "image/jpeg")) for n, d in g]) for g in groups]
+
+
+def server_configs(args: argparse.Namespace, model_dir: Path) -> list[tuple[str, dict | None]]:
+    """(label, `--arg` overrides) per server to start; overrides None: the service at --url."""
+    if args.url:
+        return [("external", None)]
+    batching = {"max_batch_size": args.max_batch_size, "max_latency_ms": args.max_latency_ms}
+    base = {"model": str(model_dir.resolve()), **{k: v for k, v in batching.items() if v}}
+    if args.compare_workers:
+        return [
+            ("1 worker x 2 threads", {**base, "workers": 1, "threads": 2}),
+            ("2 workers x 1 thread", {**base, "workers": 2, "threads": 1}),
+        ]
+    return [("server", {**base, **{k: v for k, v in (("workers", args.workers), ("threads", args.threads)) if v}})]
+
+
+def benchmark_server(args: argparse.Namespace, label: str, overrides: dict | None, model, bound: float) -> dict:
+    """Start the server (unless --url), run every concurrency level against it, stop it."""
+    server, settings, url = None, None, (args.url or "").rstrip("/")
+    if overrides is not None:
+        settings = ServiceSettings(**overrides).model_dump()  # what the server reads (CLASSIFIER_* included)
+        settings["threads"] = settings["threads"] or max(1, (os.cpu_count() or 1) // settings["workers"])
+        home = Path(tempfile.mkdtemp(prefix="bentoml-home-"))
+        server = Server(overrides, home / "server.log", home)
+        url = server.url
+    try:
+        if server:
+            server.wait_ready()
+        served = json.loads(urllib.request.urlopen(f"{url}/model", timeout=10).read())
+        if served["artifacts"]["onnx"]["sha256"] != sha256_of(model.artifact_path("onnx")):
+            log.warning("the served model differs from %s: the bound is for another model", model.folder)
+        print(f"\n{label}: " + (str({k: settings[k] for k in SHOWN_SETTINGS}) if settings else "settings unknown"))
+        print(
+            f"  {'conc':>5} {'req/s':>9} {'img/s':>9} {'bound':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} req/batch  errors"
+        )
+        levels = []
+        for concurrency in args.levels:
+            levels.append(run_level(url, concurrency, args.warmup, args.duration))
+            print_level(levels[-1], args.images_per_request, bound)
+    finally:
+        if server:
+            server.stop()
+            shutil.rmtree(home, ignore_errors=True)  # a failed start raised with the log's tail already
+    best = max(level["ok_requests_per_s"] for level in levels) * args.images_per_request
+    return {
+        "label": label,
+        "settings": settings,
+        "url": None if server else url,
+        "levels": levels,
+        "best_images_per_s": best,
+        "fraction_of_bound": best / bound,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("locust").setLevel(logging.WARNING)  # not "Ramping to ..." at every level
+    model = load_model_dir(args.model or default_model_dir())
+    images = read_images(Path(args.data), 200)
+    ClassifyUser.bodies = request_bodies(images, args.images_per_request)
+    ClassifyUser.network_timeout = args.timeout
+    env = environment_info()
+    print(
+        f"machine: {env['cpu']}, {env['cores']} cores ({env['usable_cores']} usable), {env['memory_gib']} GiB, "
+        f"load average {env['load_average_1m']:.2f}"
+    )
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    print(
+        f"model: {model.name} ({model.manifest.get('architecture')}), {len(images)} test images, "
+        f"{args.images_per_request} per request, {args.duration:g} s per level after {args.warmup:g} s warm-up"
+    )
+
+    bound = measure_ort(model, images, args.ort_threads, args.ort_batch_sizes, args.ort_seconds)
+    best_bound = bound["best_images_per_s"]
+    print(
+        f"upper bound, ONNX Runtime in process ({bound['threads']} threads): {best_bound:.0f} images/s "
+        f"at batch {bound['best_batch']}"
+    )
+    runs = [benchmark_server(args, label, o, model, best_bound) for label, o in server_configs(args, model.folder)]
+    print()
+    for run in runs:
+        print(
+            f"{run['label']}: best {run['best_images_per_s']:.0f} images/s over HTTP = "
+            f"{100 * run['fraction_of_bound']:.0f}% of the in-process bound ({best_bound:.0f}/s)"
+        )
+
+    result = {
+        "config": {**vars(args), "images": len(images)},
+        "environment": env,
+        "onnxruntime": bound,
+        "runs": runs,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    out, plot_path = Path(args.out), Path(args.plot)
+    for path in (out, plot_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    plot(result, plot_path)
+    print(f"wrote {out} and {plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Shared fixtures: the shared CIFAR-10 copy, one short real training run, and its export.
+
+The data set is read from $CIFAR10_JPEG or ../shared/datasets/cifar10-jpeg.tar.gz
+beside the repository; tests that need it are skipped (with the reason) when
+it is missing. Device: $TEST_DEVICE (default cpu).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_ARCHIVE = Path(os.environ.get("CIFAR10_JPEG", REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"))
+DEFAULT_MODEL = REPO / "exported_models" / "default"
+TEST_DEVICE = os.environ.get("TEST_DEVICE", "cpu")
+
+
+def run_module(module: str, *args: str, timeout: float = 600, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m module args...` from the repository root; return the completed process."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def shared_archive() -> Path:
+    if not SHARED_ARCHIVE.is_file():
+        pytest.skip(f"shared CIFAR-10 copy not found at {SHARED_ARCHIVE} (set CIFAR10_JPEG)")
+    return SHARED_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def trained_run(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (short) ResNet-20 run on 8,000 training images: ~1 minute on 2 cores."""
+    out = tmp_path_factory.mktemp("runs") / "resnet20"
+    run_module(
+        "trainer.fit", "--data", str(shared_archive), "--model", "resnet20", "--train-subset", "8000",
+        "--val-size", "1000", "--epochs", "3", "--batch-size", "128", "--lr", "0.2", "--tta", "1",
+        "--device", TEST_DEVICE, "--out", str(out),
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_model(trained_run: Path, shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The short run exported with every artifact (fp32 ONNX, TorchScript, INT8, pt2)."""
+    out = tmp_path_factory.mktemp("exported") / "resnet20-test"
+    run_module(
+        "trainer.export", str(trained_run), "--out", str(out), "--data", str(shared_archive), "--pt2",
+        "--eval-images", "2000", "--parity-images", "300",
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    if not (DEFAULT_MODEL / "manifest.json").is_file():
+        pytest.fail(f"the bundled default model is missing from {DEFAULT_MODEL}")
+    return DEFAULT_MODEL
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ.setdefault("BENTOML_HOME", str(tmp_path_factory.mktemp("bentoml-home")))
+    os.environ["BENTOML_DO_NOT_TRACK"] = "1"

@@ -1,0 +1,574 @@
+"""Integration tests of the BentoML service: real `bentoml serve` processes fed real CIFAR-10 test images.
+
+One server with the default settings (`server`, but a larger latency budget) is shared by most tests; a second one with small limits
+(`limited`: long warm-up, low concurrency and latency budget, 1 MiB body limit from the environment) covers
+readiness, overload and the body limit; a tampered model must stop `bentoml serve` at start. Answers are
+compared with the offline predictor's (serving.predict) on the same bytes. Run: `pytest tests/test_serving.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http.server
+import io
+import json
+import shutil
+import struct
+import subprocess
+import threading
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import ClassVar
+
+import httpx
+import numpy as np
+import pytest
+from helpers import ServedClassifier, image_bytes, read_test_images
+from PIL import Image, ImageOps
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.model import ExportedModel, ModelError, load_backend, load_model_dir, verify_checksums
+from serving.predict import predict_stream
+from serving.preprocess import decode_image
+
+TIMEOUT = 30  # seconds per request: a hang fails the test instead of blocking it
+PROBABILITY_TOLERANCE = 1e-5
+slow = pytest.mark.slow
+
+
+# ------------------------------------------------------------------ fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def model(default_model: Path) -> ExportedModel:
+    return load_model_dir(default_model)
+
+
+@pytest.fixture(scope="module")
+def offline(model: ExportedModel):
+    """The offline predictor's own path (serving.predict.predict_stream): [(name, bytes)] -> {name: probabilities}."""
+    run = load_backend(model, "onnx", threads=1)
+
+    def predict(items: list[tuple[str, bytes]]) -> dict[str, np.ndarray]:
+        results = {}
+        for name, probabilities, error in predict_stream(model, run, items, batch_size=64, total=None):
+            assert error is None, error
+            results[name] = probabilities
+        return results
+
+    return predict
+
+
+@pytest.fixture(scope="module")
+def test_images(shared_archive: Path) -> list[tuple[str, str, bytes]]:
+    """300 test JPEGs (30 per class) as [(member name, class, bytes)], read straight from the shared tar."""
+    return read_test_images(shared_archive, per_class=30)
+
+
+@pytest.fixture(scope="module")
+def server(default_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`bentoml serve` with the default settings but a latency budget of 3 s, started once for this module.
+
+    These tests judge answers and batching on a 2-core machine shared with other work, where the default
+    budget (250 ms) sheds part of a 32-request burst; shedding itself is tested on `limited`.
+    """
+    folder = tmp_path_factory.mktemp("server")
+    served = ServedClassifier(
+        *("--arg", f"model={default_model}", "--arg", "max_latency_ms=3000"),
+        home=folder / "home",
+        log_path=folder / "server.log",
+    )
+    with served:
+        served.wait_ready()
+        yield served
+
+
+@pytest.fixture(scope="module")
+def limited(default_model: Path, tmp_path_factory: pytest.TempPathFactory, test_images):
+    """A server with small limits; its start is observed: [(seconds, /readyz status, classify answers)] in `.startup`."""
+    folder = tmp_path_factory.mktemp("limited")
+    served = ServedClassifier(
+        *("--arg", f"model={default_model}", "--arg", "warmup_s=8", "--arg", "max_concurrency=8"),
+        *("--arg", "max_latency_ms=10"),
+        home=folder / "home",
+        log_path=folder / "server.log",
+        env={"CLASSIFIER_MAX_BODY_MB": "1"},  # the environment path of the settings
+    )
+    jpeg = test_images[0][2]
+    with served:
+        start, served.startup = time.monotonic(), []
+        while time.monotonic() - start < 180 and served.process.poll() is None:
+            status, early = served.readyz(), None
+            if status == 503 and not any(answers for *_, answers in served.startup):
+                early = (_post_images(served, [("a.jpg", jpeg)]), _post_pixels(served, np.zeros((1, 32, 32, 3), int)))
+            served.startup.append((time.monotonic() - start, status, early))
+            if status == 200:
+                break
+            time.sleep(0.3)
+        served.wait_ready(timeout=5)
+        yield served
+
+
+def _post_images(server: ServedClassifier, files: list[tuple[str, bytes]], **data: str) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/classify", files=[("images", (n, b, "image/jpeg")) for n, b in files], data=data, timeout=TIMEOUT
+    )
+
+
+def _post_pixels(server: ServedClassifier, pixels, k: int = 3) -> httpx.Response:
+    pixels = pixels.tolist() if isinstance(pixels, np.ndarray) else pixels
+    return httpx.post(f"{server.url}/classify_pixels", json={"pixels": pixels, "k": k}, timeout=TIMEOUT)
+
+
+def _served_probabilities(answer: dict, class_names: list[str]) -> np.ndarray:
+    """A /classify answer with k = number of classes -> the probability vector in class order."""
+    by_label = {p["label"]: p["probability"] for p in answer["predictions"]}
+    assert sorted(by_label) == sorted(class_names)
+    return np.array([by_label[c] for c in class_names])
+
+
+def _assert_same_answers(served: list[dict], expected: list[np.ndarray], class_names: list[str]) -> None:
+    assert len(served) == len(expected)
+    for answer, probabilities in zip(served, expected, strict=True):
+        got = _served_probabilities(answer, class_names)
+        assert answer["predictions"][0]["label"] == class_names[int(probabilities.argmax())]
+        np.testing.assert_allclose(got, probabilities, rtol=0, atol=PROBABILITY_TOLERANCE)
+
+
+def _assert_json_error(response: httpx.Response, status: int, *words: str) -> None:
+    assert response.status_code == status, response.text[:1000]
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert body.get("error"), body
+    text = json.dumps(body).lower()
+    for word in words:
+        assert word.lower() in text, f"{word!r} not in {body}"
+
+
+def _assert_still_serves(server: ServedClassifier, jpeg: bytes) -> None:
+    response = _post_images(server, [("after.jpg", jpeg)])
+    assert response.status_code == 200, response.text
+    assert len(response.json()[0]["predictions"]) == 3
+
+
+def _batch_histogram(server: ServedClassifier) -> Counter[str]:
+    """The model service's adaptive-batch-size histogram, read from the front's /metrics.
+
+    Every process of one `bentoml serve` writes to the same PROMETHEUS_MULTIPROC_DIR, so the front's /metrics
+    also holds the model service's (cifar10_model) histogram; the model service itself listens on a Unix socket.
+    """
+    text = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT).text
+    totals: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name != "bentoml_service_adaptive_batch_size":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("service_name") == "cifar10_model" and sample.labels.get("method_name") == "predict":
+                key = sample.name.removeprefix(family.name) + sample.labels.get("le", "")
+                totals[key] += sample.value
+    return totals
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose IHDR is rewritten to declare width x height (CRC fixed): a bomb by its header."""
+    data = bytearray(image_bytes(Image.new("L", (1, 1)), "PNG"))
+    ihdr = bytearray(data[12:29])  # b"IHDR" + 13 bytes of header fields
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+# ------------------------------------------------------------------ answers: same as the offline predictor
+
+
+@slow
+def test_classify_matches_offline_predictor(server, model, offline, test_images) -> None:
+    items = [(Path(name).name.replace(".jpg", f"-{label}.jpg"), data) for name, label, data in test_images[::15]]
+    response = _post_images(server, items, k=str(len(model.class_names)))
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    assert [a["file"] for a in answers] == [name for name, _ in items]
+    assert {a["model"] for a in answers} == {model.name}
+    expected = offline(items)
+    _assert_same_answers(answers, [expected[name] for name, _ in items], model.class_names)
+
+
+@slow
+def test_classify_pixels_matches_classify(server, model, test_images) -> None:
+    items = [(name, data) for name, _, data in test_images[::30]]
+    pixels = np.stack([decode_image(data, model.contract) for _, data in items])
+    by_pixels = _post_pixels(server, pixels, k=len(model.class_names))
+    by_files = _post_images(server, items, k=str(len(model.class_names)))
+    assert by_pixels.status_code == by_files.status_code == 200, (by_pixels.text, by_files.text)
+    expected = [_served_probabilities(a, model.class_names) for a in by_files.json()]
+    _assert_same_answers(by_pixels.json(), expected, model.class_names)
+
+
+@slow
+def test_classify_accuracy_matches_offline_predictor(server, model, offline, test_images) -> None:
+    labels = [model.class_names.index(label) for _, label, _ in test_images]
+    served_top1 = []
+    for start in range(0, len(test_images), 50):
+        response = _post_images(server, [(name, data) for name, _, data in test_images[start : start + 50]], k="1")
+        assert response.status_code == 200, response.text
+        served_top1 += [model.class_names.index(a["predictions"][0]["label"]) for a in response.json()]
+    expected = offline([(name, data) for name, _, data in test_images])
+    offline_top1 = [int(expected[name].argmax()) for name, _, _ in test_images]
+    assert served_top1 == offline_top1
+    served_accuracy = np.mean(np.array(served_top1) == labels)
+    assert served_accuracy == np.mean(np.array(offline_top1) == labels)
+
+
+@slow
+def test_model_service_batches_concurrent_requests(server, test_images) -> None:
+    before = _batch_histogram(server)  # empty if the model has not been called yet
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(f"{server.url}/classify", files=[("images", (name, data, "image/jpeg"))])
+                    for name, _, data in test_images[:32]
+                )
+            )
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 32
+    after = _batch_histogram(server)
+    assert after, "no bentoml_service_adaptive_batch_size samples of cifar10_model in the front's /metrics"
+    assert after["_sum"] - before["_sum"] == 32  # the histogram counts requests per batch: each one once
+    batches = after["_count"] - before["_count"]
+    batches_of_one = after["_bucket1.0"] - before["_bucket1.0"]
+    assert batches - batches_of_one >= 1, f"{batches} batches for 32 concurrent requests, all of size 1"
+
+
+@slow
+def test_classify_sustained_concurrency_has_no_errors(server, test_images) -> None:
+    """300 requests from 16 concurrent clients: all answered. (BentoML's client to a dependency replaces its
+    connection pool every 100 calls by default, failing the calls in flight on the old one with 500s.)"""
+    images = [(name, data) for name, _, data in test_images]
+
+    async def clients() -> list[int]:
+        queue = asyncio.Queue()
+        for item in images:
+            queue.put_nowait(item)
+        statuses = []
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+
+            async def one_client() -> None:
+                while not queue.empty():
+                    name, data = queue.get_nowait()
+                    response = await client.post(
+                        f"{server.url}/classify", files=[("images", (name, data, "image/jpeg"))]
+                    )
+                    statuses.append(response.status_code)
+
+            await asyncio.gather(*(one_client() for _ in range(16)))
+        return statuses
+
+    statuses = asyncio.run(clients())
+    assert Counter(statuses) == {200: len(images)}
+
+
+# ------------------------------------------------------------------ accepted formats
+
+
+def _format_cases(jpeg: bytes) -> dict[str, bytes]:
+    base = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    large = base.resize((640, 480), Image.Resampling.BICUBIC)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(base.size))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    gray16 = Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257)
+    return {
+        "png": image_bytes(base, "PNG"),
+        "jpeg": jpeg,
+        "bmp": image_bytes(base, "BMP"),
+        "gif_animated": image_bytes(base, "GIF", save_all=True, append_images=[ImageOps.invert(base)], duration=100),
+        "webp": image_bytes(base, "WEBP", quality=90),
+        "tiff": image_bytes(base, "TIFF"),
+        "grayscale": image_bytes(base.convert("L"), "PNG"),
+        "rgba": image_bytes(rgba, "PNG"),
+        "palette": image_bytes(base.convert("P", palette=Image.Palette.ADAPTIVE, colors=64), "PNG"),
+        "cmyk_jpeg": image_bytes(base.convert("CMYK"), "JPEG", quality=95),
+        "png_16_bit": image_bytes(gray16, "PNG"),
+        "exif_rotated_jpeg": image_bytes(large.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif),
+        "large_640x480": image_bytes(large, "JPEG", quality=90),
+    }
+
+
+FORMATS = list(_format_cases(image_bytes(Image.new("RGB", (32, 32)), "JPEG")))
+
+
+@slow
+@pytest.mark.parametrize("kind", FORMATS)
+def test_classify_accepts_format(server, model, offline, test_images, kind: str) -> None:
+    data = _format_cases(test_images[7][2])[kind]
+    Image.open(io.BytesIO(data)).verify()  # the case really is a valid file of its kind
+    response = _post_images(server, [(f"{kind}.img", data)], k=str(len(model.class_names)))
+    assert response.status_code == 200, response.text
+    _assert_same_answers(response.json(), [offline([(kind, data)])[kind]], model.class_names)
+
+
+def test_decode_image_applies_exif_orientation_and_first_frame(model) -> None:
+    upright = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = image_bytes(upright.transpose(Image.Transpose.ROTATE_90), "PNG", exif=exif)
+    expected = decode_image(image_bytes(upright, "PNG"), model.contract)
+    np.testing.assert_array_equal(decode_image(rotated, model.contract), expected)
+    first, second = Image.new("RGB", (32, 32), (200, 30, 30)), Image.new("RGB", (32, 32), (30, 30, 200))
+    gif = image_bytes(first, "GIF", save_all=True, append_images=[second])
+    np.testing.assert_array_equal(decode_image(gif, model.contract)[0, 0], [200, 30, 30])
+
+
+# ------------------------------------------------------------------ refused input: 4xx JSON naming the problem
+
+
+@functools.cache
+def _compressed_bomb() -> bytes:
+    """A real, decodable 7000x7000 PNG (49 Mpixel) of a few KiB."""
+    return image_bytes(Image.new("1", (7000, 7000), 1), "PNG", optimize=True)
+
+
+def _bad_upload_cases(jpeg: bytes) -> dict[str, tuple[dict, int, tuple[str, ...]]]:
+    png = image_bytes(Image.open(io.BytesIO(jpeg)), "PNG")
+    one = lambda name, data: {"files": [("images", (name, data, "image/png"))]}
+    multipart = "multipart/form-data; boundary=xyz"
+    return {
+        "not_an_image": (one("a.png", b"this is not an image " * 20), 400, ("a.png", "not a recognised image")),
+        "truncated_jpeg": (one("t.jpg", jpeg[: len(jpeg) // 2]), 400, ("t.jpg", "truncated")),
+        "truncated_png": (one("t.png", png[: len(png) // 2]), 400, ("t.png", "truncated")),
+        "empty_body": ({"content": b"", "headers": {"content-type": multipart}}, 400, ("empty request body",)),
+        "empty_file": (one("e.png", b""), 400, ("e.png", "empty file")),
+        "bomb_header_20000x20000": (one("b.png", _png_declaring(20000, 20000)), 400, ("b.png", "bomb")),
+        "bomb_header_7000x7000": (one("b.png", _png_declaring(7000, 7000)), 400, ("7000x7000", "limit")),
+        "bomb_compressed_7000x7000": (one("b.png", _compressed_bomb()), 400, ("7000x7000", "limit")),
+        "too_many_images": ({"files": [("images", (f"{i}.png", png, "image/png")) for i in range(65)]}, 413, ("64",)),
+        "wrong_field": ({"files": [("image", ("a.png", png, "image/png"))]}, 400, ("unknown form field", "images")),
+        "many_text_fields": ({**one("a.png", png), "data": {"a": "1", "b": "2", "c": "3"}}, 400, ("images",)),
+        "json_body": ({"json": {"images": ["aGVsbG8="]}}, 415, ("application/json", "multipart/form-data")),
+        "urlencoded": ({"data": {"images": "aGVsbG8="}}, 415, ("urlencoded", "multipart/form-data")),
+        "no_content_type": ({"content": png}, 415, ("multipart/form-data",)),
+        "k_zero": ({**one("a.png", png), "data": {"k": "0"}}, 400, ("k must be between 1 and 10",)),
+        "k_eleven": ({**one("a.png", png), "data": {"k": "11"}}, 400, ("k must be between 1 and 10",)),
+        "k_not_a_number": ({**one("a.png", png), "data": {"k": "three"}}, 400, ("integer",)),
+    }
+
+
+BAD_UPLOADS = list(_bad_upload_cases(image_bytes(Image.new("RGB", (32, 32)), "JPEG")))
+
+
+@slow
+@pytest.mark.parametrize("case", BAD_UPLOADS)
+def test_classify_refuses_bad_upload(server, test_images, case: str) -> None:
+    jpeg = test_images[0][2]
+    request, status, words = _bad_upload_cases(jpeg)[case]
+    _assert_json_error(httpx.post(f"{server.url}/classify", timeout=TIMEOUT, **request), status, *words)
+    _assert_still_serves(server, jpeg)
+
+
+BAD_PIXELS = {
+    "height_31": (np.zeros((1, 31, 32, 3), int).tolist(), 3, 400, ("shape", "(1, 31, 32, 3)")),
+    "channels_first": (np.zeros((1, 3, 32, 32), int).tolist(), 3, 400, ("shape", "(1, 3, 32, 32)")),
+    "single_image_without_batch": (np.zeros((32, 32, 3), int).tolist(), 3, 400, ("shape", "(N, 32, 32, 3)")),
+    "floats": (np.full((1, 32, 32, 3), 0.5).tolist(), 3, 400, ("integers", "float")),
+    "booleans": (np.full((1, 32, 32, 3), True).tolist(), 3, 400, ("integers", "bool")),
+    "value_300": (np.full((1, 32, 32, 3), 300).tolist(), 3, 400, ("0-255", "300")),
+    "negative": (np.full((1, 32, 32, 3), -1).tolist(), 3, 400, ("0-255", "-1")),
+    "ragged": ([[[[0, 0, 0]] * 32] * 31 + [[[0, 0]] * 32]], 3, 400, ("pixels",)),
+    "strings": ([[[["a", "b", "c"]] * 32] * 32], 3, 400, ("integers",)),
+    "empty": ([], 3, 400, ("shape",)),
+    "too_many_images": (np.zeros((65, 32, 32, 3), int).tolist(), 3, 413, ("1 to 64", "65")),
+    "k_zero": (np.zeros((1, 32, 32, 3), int).tolist(), 0, 400, ("k must be between 1 and 10",)),
+    "k_eleven": (np.zeros((1, 32, 32, 3), int).tolist(), 11, 400, ("k must be between 1 and 10",)),
+}
+
+
+@slow
+@pytest.mark.parametrize("case", list(BAD_PIXELS))
+def test_classify_pixels_refuses_bad_array(server, test_images, case: str) -> None:
+    pixels, k, status, words = BAD_PIXELS[case]
+    _assert_json_error(_post_pixels(server, pixels, k=k), status, *words)
+    _assert_still_serves(server, test_images[0][2])
+
+
+@slow
+def test_classify_pixels_refuses_missing_field_and_bad_json(server) -> None:
+    _assert_json_error(httpx.post(f"{server.url}/classify_pixels", json={"pixel": []}, timeout=TIMEOUT), 400, "pixels")
+    response = httpx.post(
+        f"{server.url}/classify_pixels", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    _assert_json_error(response, 400, "json")
+
+
+class _CountingHandler(http.server.BaseHTTPRequestHandler):
+    requests: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        type(self).requests.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@slow
+def test_classify_never_fetches_urls(server, test_images) -> None:
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CountingHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{web.server_address[1]}/cat.jpg"
+    try:
+        response = httpx.post(f"{server.url}/classify", data={"images": url}, files=[("k", (None, "3"))])
+        _assert_json_error(response, 400, "never fetches urls", url)
+        mixed = httpx.post(
+            f"{server.url}/classify",
+            files=[("images", ("a.jpg", test_images[0][2], "image/jpeg")), ("images", (None, url))],
+        )
+        _assert_json_error(mixed, 400, "never fetches urls")
+        _assert_json_error(httpx.post(f"{server.url}/classify", json={"images": [url]}), 415, "multipart")
+        _assert_json_error(_post_pixels(server, url), 400, "pixels")
+        time.sleep(0.5)
+        assert _CountingHandler.requests == [], "the service fetched a URL given as input"
+    finally:
+        web.shutdown()
+        web.server_close()
+
+
+# ------------------------------------------------------------------ model info, health, metrics, docs
+
+
+@slow
+def test_model_endpoint_returns_manifest(server, model) -> None:
+    response = httpx.get(f"{server.url}/model", timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    info = response.json()
+    for key in ("name", "class_names", "test_accuracy", "artifacts", "input", "architecture"):
+        assert info[key] == model.manifest[key], key
+    assert info["backend"] == "onnx"
+    assert all(len(entry["sha256"]) == 64 for entry in info["artifacts"].values())
+
+
+@slow
+def test_service_answers_health_metrics_and_docs(server) -> None:
+    for path in ("/healthz", "/livez", "/readyz"):
+        assert httpx.get(f"{server.url}{path}", timeout=TIMEOUT).status_code == 200, path
+    metrics = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT)
+    assert metrics.status_code == 200
+    assert "bentoml_service_request_total" in metrics.text
+    ui = httpx.get(f"{server.url}/", timeout=TIMEOUT)
+    assert ui.status_code == 200 and "swagger" in ui.text.lower()
+    spec = httpx.get(f"{server.url}/docs.json", timeout=TIMEOUT).json()
+    assert {"/classify", "/classify_pixels"} <= set(spec["paths"])
+
+
+# ------------------------------------------------------------------ readiness, overload, body limit (`limited`)
+
+
+@slow
+def test_service_not_ready_while_warming_up(limited) -> None:
+    statuses = [status for _, status, _ in limited.startup if status is not None]
+    assert statuses[0] == 503 and statuses[-1] == 200, limited.startup
+    assert statuses.index(200) > 0 and 503 not in statuses[statuses.index(200) :]
+    images, pixels = next(answers for *_, answers in limited.startup if answers)
+    for response in (images, pixels):
+        _assert_json_error(response, 503, "warming up")
+
+
+@slow
+def test_service_sheds_overload_with_clear_errors(limited, test_images) -> None:
+    files = [("images", (name, data, "image/jpeg")) for name, _, data in test_images[:4]]
+
+    async def flood() -> list[tuple[int, float, httpx.Response]]:
+        async with httpx.AsyncClient(timeout=TIMEOUT, limits=httpx.Limits(max_connections=100)) as client:
+
+            async def one() -> tuple[int, float, httpx.Response]:
+                start = time.monotonic()
+                response = await client.post(f"{limited.url}/classify", files=files)
+                return response.status_code, time.monotonic() - start, response
+
+            return await asyncio.gather(*(one() for _ in range(64)))
+
+    results = asyncio.run(flood())  # a timeout would raise here: no request may hang
+    counts = Counter(status for status, _, _ in results)
+    assert set(counts) <= {200, 429, 503}, counts
+    assert counts[429] + counts[503] >= 1, f"64 concurrent requests, max_concurrency=8, but no refusal: {counts}"
+    for status, seconds, response in results:
+        if status != 200:
+            _assert_json_error(response, status)
+            assert seconds < 10, f"a {status} took {seconds:.1f} s"
+    _assert_still_serves(limited, test_images[0][2])
+
+
+@slow
+def test_classify_refuses_body_over_limit(limited, test_images) -> None:
+    big = b"\xff" * (2 * 2**20)
+    _assert_json_error(_post_images(limited, [("big.jpg", big)]), 413, "1 MiB")
+
+    def chunks():  # no content-length: the limit must hold while streaming
+        for _ in range(32):
+            yield b"\x00" * 2**16
+
+    response = httpx.post(
+        f"{limited.url}/classify", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"}
+    )
+    _assert_json_error(response, 413, "1 MiB")
+    _assert_json_error(_post_pixels(limited, np.zeros((100, 32, 32, 3), int) + 200), 413, "1 MiB")
+    _assert_still_serves(limited, test_images[0][2])
+
+
+# ------------------------------------------------------------------ tampered models
+
+
+def _copy_with_flipped_byte(model_dir: Path, target: Path, file: str = "model.onnx") -> Path:
+    shutil.copytree(model_dir, target)
+    data = bytearray((target / file).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (target / file).write_bytes(bytes(data))
+    return target
+
+
+@slow
+def test_service_refuses_tampered_model(default_model: Path, tmp_path: Path) -> None:
+    tampered = _copy_with_flipped_byte(default_model, tmp_path / "tampered")
+    with ServedClassifier(
+        "--arg", f"model={tampered}", home=tmp_path / "home", log_path=tmp_path / "server.log"
+    ) as served:
+        try:
+            code = served.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            code = None
+        log = served.log(20000)
+    assert code not in (None, 0), f"bentoml serve kept running on a tampered model:\n{log[-3000:]}"
+    assert f"{tampered / 'model.onnx'}" in log and "does not match its manifest" in log, log[-3000:]
+
+
+def test_verify_checksums_accepts_intact_model(default_model: Path) -> None:
+    verify_checksums(load_model_dir(default_model))
+
+
+def test_verify_checksums_refuses_changed_file(default_model: Path, tmp_path: Path) -> None:
+    tampered = load_model_dir(_copy_with_flipped_byte(default_model, tmp_path / "m"))
+    with pytest.raises(ModelError, match=r"model\.onnx.*does not match its manifest"):
+        verify_checksums(tampered)
+    with pytest.raises(ModelError, match="does not match"):
+        verify_checksums(tampered, ["onnx"])
+    verify_checksums(tampered, ["torchscript"])  # only the listed artifacts are checked
+
+
+def test_verify_checksums_refuses_truncated_and_missing_files(default_model: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "m"
+    shutil.copytree(default_model, copy)
+    data = (copy / "model.onnx").read_bytes()
+    (copy / "model.onnx").write_bytes(data[:-1])
+    with pytest.raises(ModelError, match="does not match"):
+        verify_checksums(load_model_dir(copy), ["onnx"])
+    (copy / "model.onnx").unlink()
+    with pytest.raises(ModelError, match=r"model\.onnx.*missing"):
+        verify_checksums(load_model_dir(copy), ["onnx"])
