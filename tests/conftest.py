@@ -20,7 +20,9 @@ DEFAULT_MODEL = REPO / "exported_models" / "default"
 TEST_DEVICE = os.environ.get("TEST_DEVICE", "cpu")
 
 
-def run_module(module: str, *args: str, timeout: float = 600, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, *args: str, timeout: float = 600, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m module args...` from the repository root; return the completed process."""
     result = subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -31,7 +33,9 @@ def run_module(module: str, *args: str, timeout: float = 600, check: bool = True
         env={**os.environ, **(env or {})},
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"{module} {' '.join(args)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"{module} {' '.join(args)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 

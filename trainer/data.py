@@ -273,8 +273,9 @@ def _read_class_tar(archive: Path) -> Dataset:
                 continue
             if Path(member.name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            raw[member.name] = tar.extractfile(member).read()
-            entries.append((parts[-3], parts[-2], member.name))
+            name = f"{archive}:{member.name}"  # error messages name the archive and the member
+            raw[name] = tar.extractfile(member).read()
+            entries.append((parts[-3], parts[-2], name))
     if not entries:
         raise ValueError(
             f"unknown layout in archive {str(archive)!r}: no train/<class>/* or test/<class>/* "

@@ -255,13 +255,15 @@ def run(config: TrainConfig, runtime: Runtime, out: Path, resume_state: dict | N
         timer.eval_s += time.perf_counter() - t_eval
         timer.wall_s = wall_before + time.perf_counter() - process_start
         if runtime.is_main:
-            save_checkpoint(checkpoint_state(epoch + 1, finished=False), checkpoint_path)
             row = {
                 "epoch": epoch + 1, "step": step, "train_loss": train_loss, "train_acc": train_acc, "val_acc": val_acc,
                 "lr": lr, "epoch_time_s": epoch_time, "train_time_s": timer.train_s, "wall_time_s": timer.wall_s,
                 "images_per_s": epoch_steps * config.batch_size / epoch_time,
             }  # fmt: skip
+            # Metrics first: a kill between the two leaves a row that --resume drops and redoes;
+            # the other order would leave a checkpoint whose epoch has no row, ever.
             report.append_metrics(metrics_path, row)
+            save_checkpoint(checkpoint_state(epoch + 1, finished=False), checkpoint_path)
             val_text = f"val acc {100 * val_acc:.2f}%" if val_acc is not None else "no val split"
             log.info(
                 "epoch %d/%d  train loss %.4f acc %.2f%%  %s  lr %.4g  %.0f img/s  elapsed %.0f s",

@@ -11,7 +11,15 @@ import torch
 
 from serving.model import onnx_runner
 
-__all__ = ["check_parity", "measure_accuracy", "onnx_runner", "reference_outputs", "torch_runner", "torchscript_runner"]
+__all__ = [
+    "check_parity",
+    "exported_program_runner",
+    "measure_accuracy",
+    "onnx_runner",
+    "reference_outputs",
+    "torch_runner",
+    "torchscript_runner",
+]
 
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 NCHW batch -> float32 logits
 
@@ -22,6 +30,17 @@ class ParityError(RuntimeError):
 
 def torch_runner(module: torch.nn.Module) -> Runner:
     module.eval()
+
+    @torch.no_grad()
+    def run(batch: np.ndarray) -> np.ndarray:
+        return module(torch.from_numpy(batch)).float().numpy()
+
+    return run
+
+
+def exported_program_runner(path: Path) -> Runner:
+    """A torch.export program (.pt2). It was exported in eval mode, and its module refuses .eval()."""
+    module = torch.export.load(str(path)).module()
 
     @torch.no_grad()
     def run(batch: np.ndarray) -> np.ndarray:

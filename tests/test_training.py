@@ -1,0 +1,250 @@
+"""Training (`python -m trainer.fit`) as real subprocesses on the shared CIFAR-10 copy.
+
+The CLI's help; the short ResNet-20 run of conftest (`trained_run`): accuracy and run
+folder; resume after SIGKILL reproducing an uninterrupted run bit for bit; a diverging
+loss stopping the run with the last checkpoint intact; refusing to overwrite a run;
+a two-process gloo DDP run. Tiny runs use the small CNN on 1,000 images (trainer_helpers).
+Run: `pytest tests/test_training.py` (about two minutes on two busy cores plus the shared run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_module
+from trainer_helpers import (
+    TINY_EPOCHS,
+    TINY_STEPS_PER_EPOCH,
+    FitProcess,
+    assert_bitwise_equal,
+    file_identity,
+    load_state,
+    sha256_file,
+    tiny_fit_args,
+)
+
+from trainer.checkpoint import CHECKPOINT_FORMAT
+from trainer.config import TrainConfig
+from trainer.models import MODEL_NAMES, build_model
+
+pytestmark = pytest.mark.slow
+
+CHECKPOINT_KEYS = {
+    "format", "model_name", "num_classes", "class_names", "normalization", "model", "ema", "ema_n_averaged",
+    "lookahead", "optimizer", "step", "epoch", "total_steps", "finished", "rng", "config", "commands", "timer",
+}  # fmt: skip
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ CLI help
+
+
+def _help_entries(help_text: str) -> dict[str, str]:
+    """The options section of argparse's help as {first flag: its whole entry}."""
+    options = help_text.split("\noptions:\n", 1)[1].split("\n\n", 1)[0]
+    entries = re.split(r"\n  (?=-)", "\n" + options)
+    return {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries if entry.strip()}
+
+
+def test_fit_help_documents_every_option() -> None:
+    result = run_module("trainer.fit", "--help", timeout=120)
+    entries = _help_entries(result.stdout)
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in entries, f"{flag} is missing from --help"
+        assert re.search(r"\(default: [^)]+\)", entries[flag]), f"{flag} does not state its default: {entries[flag]}"
+    assert "--resume" in entries and "RUN_DIR" in entries["--resume"]
+    assert all(name in entries["--model"] for name in MODEL_NAMES)
+    assert "torchrun" in result.stdout, "the help should say how to run on several GPUs"
+
+
+# ------------------------------------------------------------------ the shared short run
+
+
+def test_fit_short_run_beats_chance_and_writes_the_run_folder(trained_run: Path) -> None:
+    for name in ("checkpoint.pt", "metrics.jsonl", "report.json", "config.json", "curves.png", "confusion.png"):
+        assert (trained_run / name).is_file(), f"{name} missing from the run folder"
+    for image in ("curves.png", "confusion.png"):
+        assert (trained_run / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(trained_run.glob(".*tmp*")), "temporary files were left behind"
+
+    report = json.loads((trained_run / "report.json").read_text())
+    assert report["test"]["accuracy"] > 0.25, report["test"]["accuracy"]  # chance is 0.10
+    assert report["model"] == "resnet20" and report["class_names"] == CLASSES
+    assert set(report["test"]["per_class_accuracy"]) == set(CLASSES)
+    confusion = torch.tensor(report["test"]["confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum(1).tolist() == [1000] * 10
+    assert confusion.diag().sum().item() / 10000 == pytest.approx(report["test"]["accuracy"], abs=1e-6)
+    for name, accuracy in report["test"]["per_class_accuracy"].items():
+        i = CLASSES.index(name)
+        assert accuracy == pytest.approx(confusion[i, i].item() / 1000, abs=1e-6)
+    assert report["test_tta"]["level"] == 1
+    assert (report["data"]["train"], report["data"]["val"], report["data"]["test"]) == (8000, 1000, 10000)
+
+    rows = _metrics(trained_run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(r["val_acc"] is not None for r in rows)
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config == report["config"]
+    assert config["model"] == "resnet20" and config["epochs"] == 3 and config["train_subset"] == 8000
+
+
+def test_fit_checkpoint_loads_safely_with_the_documented_keys(trained_run: Path) -> None:
+    state = load_state(trained_run)  # weights_only=True: no arbitrary code on load
+    assert state.keys() >= CHECKPOINT_KEYS, sorted(CHECKPOINT_KEYS - state.keys())
+    assert state["format"] == CHECKPOINT_FORMAT and state["model_name"] == "resnet20"
+    assert state["finished"] is True and state["epoch"] == 3 and state["step"] == state["total_steps"] == 3 * 62
+    assert state["class_names"] == CLASSES and state["num_classes"] == 10
+    assert len(state["normalization"]["mean"]) == len(state["normalization"]["std"]) == 3
+    assert TrainConfig(**state["config"]).model == "resnet20"
+    assert any("trainer.fit" in command for command in state["commands"])
+    model = build_model(state["model_name"], state["num_classes"])
+    model.load_state_dict(state["model"])  # strict: the saved weights are the bare model's (no DDP prefix)
+
+
+# ------------------------------------------------------------------ resume after SIGKILL
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run SIGKILLed right after its first checkpoint (epoch 1 of 4). Tests copy it before use."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    fit = FitProcess(tiny_fit_args(shared_archive, out), out.parent / "first.log")
+    fit.wait_for(lambda: (out / "checkpoint.pt").exists(), "the first checkpoint")
+    assert fit.running(), "the run ended before it could be interrupted"
+    fit.kill()
+    state = load_state(out)
+    assert not state["finished"] and 1 <= state["epoch"] < TINY_EPOCHS, state["epoch"]
+    assert not (out / "report.json").exists()
+    return out
+
+
+def _copy_run(run: Path, tmp_path: Path, name: str = "run") -> Path:
+    return Path(shutil.copytree(run, tmp_path / name))
+
+
+def test_fit_resume_after_sigkill_matches_an_uninterrupted_run(
+    interrupted_run: Path, shared_archive: Path, tmp_path: Path
+) -> None:
+    # The uninterrupted reference trains at the same time (one thread each).
+    reference = tmp_path / "reference"
+    reference_fit = FitProcess(tiny_fit_args(shared_archive, reference), tmp_path / "reference.log")
+    run = _copy_run(interrupted_run, tmp_path)
+    killed_at = load_state(run)["epoch"]
+
+    # Resume, and kill again at a random moment after the next checkpoint: mid-epoch, mid-evaluation
+    # or mid-save; whatever it hits, the next resume must continue from a consistent checkpoint.
+    before = file_identity(run / "checkpoint.pt")
+    second = FitProcess(["--resume", str(run)], tmp_path / "second.log")
+    second.wait_for(lambda: file_identity(run / "checkpoint.pt") != before, "the resumed run's next checkpoint")
+    epoch_time = _metrics(run)[-1]["epoch_time_s"]
+    delay = random.uniform(0, epoch_time)
+    time.sleep(delay)
+    assert second.running(), f"the resumed run finished within {delay:.2f} s; it cannot be interrupted"
+    second.kill()
+    state = load_state(run)
+    assert not state["finished"] and killed_at < state["epoch"] < TINY_EPOCHS, (killed_at, state["epoch"])
+
+    final = FitProcess(["--resume", str(run)], tmp_path / "final.log")
+    assert final.wait() == 0, final.log()
+    assert reference_fit.wait() == 0, reference_fit.log()
+
+    got, want = load_state(run), load_state(reference)
+    assert got["finished"] and got["step"] == want["step"] == TINY_EPOCHS * TINY_STEPS_PER_EPOCH
+    for key in ("model", "lookahead", "optimizer"):
+        assert_bitwise_equal(got[key], want[key], f"{key} after resume (killed at {delay:.2f} s into an epoch)")
+    # Every epoch replayed exactly: the logged losses are equal as floats, one row per epoch.
+    for row, expected in zip(_metrics(run), _metrics(reference), strict=True):
+        assert (row["epoch"], row["train_loss"], row["val_acc"]) == (
+            expected["epoch"],
+            expected["train_loss"],
+            expected["val_acc"],
+        )
+    report, expected_report = (json.loads((r / "report.json").read_text()) for r in (run, reference))
+    assert report["test"] == expected_report["test"]
+    assert len(got["commands"]) == 3 and all("trainer.fit" in c for c in got["commands"])
+
+
+# ------------------------------------------------------------------ non-finite loss
+
+
+def test_fit_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(interrupted_run: Path, tmp_path: Path) -> None:
+    run = _copy_run(interrupted_run, tmp_path)
+    # Continue the run with an absurd learning rate (as --lr 1e30 would have): Adam steps
+    # of ~1e30 overflow the logits to inf within a step or two.
+    state = load_state(run)
+    state["config"]["lr"] = 1e30
+    for group in state["optimizer"]["param_groups"]:
+        group["base_lr"] = group["lr"] = 1e30
+    torch.save(state, run / "checkpoint.pt")
+    checkpoint_hash = sha256_file(run / "checkpoint.pt")
+    epochs_done = state["epoch"]
+
+    result = run_module("trainer.fit", "--resume", str(run), check=False, timeout=300)
+    assert result.returncode != 0, result.stderr[-3000:]
+    match = re.search(r"loss became NaN/inf at step (\d+) \(epoch (\d+)\)", result.stderr)
+    assert match, result.stderr[-3000:]
+    first_step = epochs_done * TINY_STEPS_PER_EPOCH
+    assert first_step <= int(match[1]) < first_step + TINY_STEPS_PER_EPOCH and int(match[2]) == epochs_done + 1
+    assert "left intact" in result.stderr
+    assert sha256_file(run / "checkpoint.pt") == checkpoint_hash, "the last good checkpoint was overwritten"
+    assert not (run / "report.json").exists()
+    assert [r["epoch"] for r in _metrics(run)] == list(range(1, epochs_done + 1))
+
+
+def test_fit_nonfinite_loss_in_the_first_epoch_writes_no_checkpoint(shared_archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "diverging"
+    args = tiny_fit_args(shared_archive, out)
+    args[args.index("--lr") + 1] = "1e30"  # Adam's first step moves every weight by ~1e30: inf logits at step 1
+    result = run_module("trainer.fit", *args, check=False, timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    match = re.search(r"loss became NaN/inf at step (\d+) \(epoch 1\); no checkpoint was written", result.stderr)
+    assert match and int(match[1]) < TINY_STEPS_PER_EPOCH, result.stderr[-3000:]
+    assert not (out / "checkpoint.pt").exists() and not (out / "report.json").exists()
+
+
+# ------------------------------------------------------------------ refusing to overwrite
+
+
+def test_fit_refuses_to_overwrite_a_run_without_resume(
+    interrupted_run: Path, shared_archive: Path, tmp_path: Path
+) -> None:
+    run = _copy_run(interrupted_run, tmp_path)
+    checkpoint_hash = sha256_file(run / "checkpoint.pt")
+    result = run_module("trainer.fit", *tiny_fit_args(shared_archive, run), check=False, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "already holds a checkpoint" in result.stderr and f"--resume {run}" in result.stderr
+    assert sha256_file(run / "checkpoint.pt") == checkpoint_hash
+
+
+# ------------------------------------------------------------------ DDP
+
+
+def test_fit_two_process_gloo_ddp_run_finishes(shared_archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    args = tiny_fit_args(shared_archive, out)
+    args[args.index("--epochs") + 1] = "2"
+    run_module(
+        "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.fit", *args,
+        timeout=400, env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["environment"]["world_size"] == 2, report["environment"]
+    assert report["steps"] == 2 * TINY_STEPS_PER_EPOCH
+    assert report["test"]["accuracy"] > 0.1
+    state = load_state(out)
+    assert state["finished"] and state["step"] == 2 * TINY_STEPS_PER_EPOCH
+    build_model("baseline_cnn").load_state_dict(state["model"])  # no "module." prefix from DDP
+    assert [r["epoch"] for r in _metrics(out)] == [1, 2], "only rank 0 may write metrics"
