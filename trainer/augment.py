@@ -77,6 +77,7 @@ def train_batches(
     rank: int = 0,
     world_size: int = 1,
     max_steps: int | None = None,
+    channels_last: bool = False,
 ):
     """Yield one epoch of augmented, normalised (inputs, labels) batches for this rank.
 
@@ -102,4 +103,6 @@ def train_batches(
         elif flip == "random":
             batch = flip_where(batch, torch.rand(len(batch), device=device, generator=aug_gen) < 0.5)
         batch = cutout(batch, cutout_size, aug_gen)
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         yield batch, labels[indices]

@@ -70,6 +70,12 @@ def all_reduce_sum(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_min(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:
+    if runtime.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
 def shutdown(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()

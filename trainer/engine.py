@@ -1,4 +1,4 @@
-"""The training step and its parts: precision, optimizer groups, lr schedule, weight averaging."""
+"""The training loop and its parts: precision, optimizer groups, lr schedule, weight averaging, one epoch."""
 
 from __future__ import annotations
 
@@ -6,16 +6,21 @@ import contextlib
 import logging
 import math
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
 
 from trainer.config import TrainConfig
+from trainer.distributed import Runtime, all_reduce_min, all_reduce_sum
 
 log = logging.getLogger(__name__)
+SYNC_EVERY = 10  # steps between host syncs (progress bar, non-finite check); each sync stalls a GPU
 
 
 class NonFiniteLossError(RuntimeError):
@@ -142,10 +147,49 @@ class Lookahead:
 
 
 @dataclass
-class StepStats:
-    loss_sum: torch.Tensor
-    correct: torch.Tensor
-    seen: int = 0
+class TrainState:
+    """Everything training changes; its state_dict goes into every checkpoint."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lookahead: Lookahead | None = None
+    ema: AveragedModel | None = None
+    step: int = 0
+    epoch: int = 0  # epochs completed
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights to evaluate: the EMA copy when there is one."""
+        return self.ema.module if self.ema else self.model
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema else None,
+            "ema_n_averaged": int(self.ema.n_averaged) if self.ema else 0,
+            "lookahead": self.lookahead.state_dict() if self.lookahead else None,
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lookahead:
+            self.lookahead.load_state_dict(state["lookahead"])
+        if self.ema:
+            self.ema.module.load_state_dict(state["ema"])
+            self.ema.n_averaged.fill_(state["ema_n_averaged"])
+        self.step, self.epoch = state["step"], state["epoch"]
+
+
+def build_train_state(model: nn.Module, config: TrainConfig) -> TrainState:
+    lookahead = Lookahead(model) if config.averaging == "lookahead" else None
+    ema = None
+    if config.averaging == "ema":
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    return TrainState(model, make_optimizer(model, config), lookahead, ema)
 
 
 def train_step(
@@ -172,3 +216,81 @@ def train_step(
         loss.backward()
         optimizer.step()
     return loss.detach(), (logits.detach().argmax(1) == labels).sum()
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    train_loss: float
+    train_acc: float
+    lr: float  # at the last step
+    seconds: float
+    images: int
+
+
+def train_one_epoch(
+    state: TrainState,
+    train_model: nn.Module,
+    batches,
+    *,
+    steps: int,
+    total_steps: int,
+    num_epochs: int,
+    config: TrainConfig,
+    runtime: Runtime,
+    precision: str,
+    scaler: torch.amp.GradScaler | None,
+    checkpoint_hint: str,
+) -> EpochStats:
+    """Run `steps` training steps over `batches`, with progress bar, weight averaging and a
+    non-finite-loss check every SYNC_EVERY steps (NonFiniteLossError names the step)."""
+    device = runtime.device
+    _synchronize(device)
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    first_bad = torch.full((), total_steps + 1, device=device)
+    freeze_whiten_bias = state.epoch >= config.whiten_bias_epochs
+    bar = tqdm(total=steps * config.batch_size, unit="img", unit_scale=True, leave=False, dynamic_ncols=True,
+               desc=f"epoch {state.epoch + 1}/{num_epochs}", disable=not runtime.is_main)  # fmt: skip
+    lr = 0.0
+    try:
+        for i, (inputs, labels) in enumerate(batches):
+            lr = set_lr(state.optimizer, lr_factor(state.step, total_steps, config), freeze_whiten_bias)
+            loss, batch_correct = train_step(train_model, state.optimizer, inputs, labels, device=device, precision=precision,
+                                             label_smoothing=config.label_smoothing, scaler=scaler)  # fmt: skip
+            bad_here = torch.where(torch.isfinite(loss), total_steps + 1, state.step)
+            first_bad = torch.minimum(first_bad, bad_here)
+            loss_sum += loss
+            correct += batch_correct
+            state.step += 1
+            if state.lookahead and (state.step % Lookahead.every == 0 or state.step == total_steps):
+                state.lookahead.update(state.model, state.step, total_steps)
+            if state.ema:
+                state.ema.update_parameters(state.model)
+            if (i + 1) % SYNC_EVERY == 0 or i + 1 == steps:
+                bad_step = int(all_reduce_min(runtime, first_bad).item())
+                if bad_step <= total_steps:
+                    raise NonFiniteLossError(
+                        f"the training loss became NaN/inf at step {bad_step} (epoch {state.epoch + 1}); "
+                        f"{checkpoint_hint}. Lower --lr or use --precision fp32."
+                    )
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", refresh=False)
+                bar.update(config.batch_size * (i + 1) - bar.n)
+    finally:
+        bar.close()
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    totals = all_reduce_sum(runtime, torch.stack([loss_sum.float(), correct.float()]))
+    state.epoch += 1
+    return EpochStats(
+        train_loss=totals[0].item() / (steps * runtime.world_size),
+        train_acc=totals[1].item() / (steps * config.batch_size),
+        lr=lr,
+        seconds=seconds,
+        images=steps * config.batch_size,
+    )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -20,11 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 from trainer import report
-from trainer.augment import normalize
+from trainer.augment import normalize, train_batches
 from trainer.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -35,21 +33,12 @@ from trainer.checkpoint import (
 )
 from trainer.config import TrainConfig, build_parser, config_from_args, config_from_dict
 from trainer.data import load_dataset, split_validation
-from trainer.distributed import Runtime, all_reduce_sum, barrier, init_runtime, shutdown
-from trainer.engine import (
-    Lookahead,
-    NonFiniteLossError,
-    lr_factor,
-    make_optimizer,
-    resolve_precision,
-    set_lr,
-    train_step,
-)
+from trainer.distributed import Runtime, barrier, init_runtime, shutdown
+from trainer.engine import TrainState, build_train_state, resolve_precision, train_one_epoch, train_step
 from trainer.evaluate import accuracy, classification_report, predict_logits
 from trainer.models import apply_init, build_model, count_parameters
 
 log = logging.getLogger("trainer.fit")
-SYNC_EVERY = 10  # steps between host syncs (progress bar, non-finite check); each sync stalls a GPU
 
 
 @dataclasses.dataclass
@@ -63,28 +52,84 @@ class Timer:
     wall_s: float = 0.0
 
 
-def _to_device_nchw(images, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+@dataclasses.dataclass(frozen=True)
+class DeviceData:
+    """The splits as uint8 (N, 3, H, W) tensors on the training device, plus what describes them."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    class_names: list[str]
+    source: str
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def load_device_data(config: TrainConfig, device: torch.device, normalization: dict | None) -> DeviceData:
+    """Decode (or read from cache), split off validation, and move everything to `device` once.
+
+    The normalisation is measured on the training split, unless a resumed run brings its own.
+    """
+    data = load_dataset(config.data, Path(config.cache_dir) if config.cache_dir else None, download=config.download)
+    train_x, train_y, val_x, val_y = split_validation(data.train_images, data.train_labels, config.val_size)
+    if config.train_subset:
+        keep = np.sort(np.random.default_rng(config.seed).permutation(len(train_x))[: config.train_subset])
+        train_x, train_y = train_x[keep], train_y[keep]
+    if normalization:
+        mean, std = torch.tensor(normalization["mean"]), torch.tensor(normalization["std"])
+    else:
+        pixels = torch.from_numpy(train_x).reshape(-1, 3).double() / 255
+        mean, std = pixels.mean(0).float(), pixels.std(0).float()
+
+    def images(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)
+
+    return DeviceData(
+        images(train_x), torch.from_numpy(train_y).to(device), images(val_x), torch.from_numpy(val_y),
+        images(data.test_images), torch.from_numpy(data.test_labels), mean.to(device), std.to(device),
+        list(data.class_names), data.source,
+    )  # fmt: skip
 
 
-def _warm_up_compiled(train_model, model, optimizer, batch, config, runtime, precision) -> float:
+def build_model_state(
+    config: TrainConfig, data: DeviceData, device: torch.device, resume_state: dict | None
+) -> TrainState:
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, len(data.class_names))
+    apply_init(model, config.init)
+    model.to(device)
+    if hasattr(model, "init_from_data") and not resume_state:
+        model.init_from_data(normalize(data.train_images[:5000], data.mean, data.std))
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    state = build_train_state(model, config)
+    if resume_state:
+        state.load_state_dict(resume_state)
+        restore_rng_states(resume_state["rng"])
+    return state
+
+
+def _warm_up_compiled(
+    train_model, state: TrainState, batch, config: TrainConfig, runtime: Runtime, precision: str
+) -> float:
     """Trigger torch.compile's compilation on real shapes, then restore the untouched state."""
     start = time.perf_counter()
-    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
-    saved_opt = optimizer.state_dict()
-    saved_opt = {"state": {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in s.items()} for k, s in saved_opt["state"].items()},
-                 "param_groups": saved_opt["param_groups"]}  # fmt: skip
+    saved = {k: v.clone() for k, v in state.model.state_dict().items()}
+    optimizer_state = state.optimizer.state_dict()
+    saved_optimizer = {
+        "state": {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in s.items()} for k, s in optimizer_state["state"].items()},
+        "param_groups": optimizer_state["param_groups"],
+    }  # fmt: skip
     for _ in range(3):
-        train_step(train_model, optimizer, *batch, device=runtime.device, precision=precision,
+        train_step(train_model, state.optimizer, *batch, device=runtime.device, precision=precision,
                    label_smoothing=config.label_smoothing, scaler=None)  # fmt: skip
-    model.load_state_dict(saved_model)
-    optimizer.load_state_dict(saved_opt)
-    _synchronize(runtime.device)
+    state.model.load_state_dict(saved)
+    state.optimizer.load_state_dict(saved_optimizer)
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
     return time.perf_counter() - start
 
 
@@ -100,211 +145,112 @@ def run(config: TrainConfig, runtime: Runtime, out: Path, resume_state: dict | N
     timer = Timer(**resume_state["timer"]) if resume_state else Timer()
     wall_before = timer.wall_s
 
-    # ---- data: the whole set as uint8 tensors on the device
     t0 = time.perf_counter()
-    data = load_dataset(config.data, Path(config.cache_dir) if config.cache_dir else None, download=config.download)
-    train_x, train_y, val_x, val_y = split_validation(data.train_images, data.train_labels, config.val_size)
-    if config.train_subset:
-        keep = np.sort(np.random.default_rng(config.seed).permutation(len(train_x))[: config.train_subset])
-        train_x, train_y = train_x[keep], train_y[keep]
-    if resume_state:
-        mean, std = (torch.tensor(resume_state["normalization"][k]) for k in ("mean", "std"))
-    else:
-        pixels = torch.from_numpy(train_x).reshape(-1, 3).double() / 255
-        mean, std = pixels.mean(0).float(), pixels.std(0).float()
-    mean, std = mean.to(device), std.to(device)
-    train_images, train_labels = _to_device_nchw(train_x, device), torch.from_numpy(train_y).to(device)
-    val_images, val_labels = _to_device_nchw(val_x, device), torch.from_numpy(val_y)
-    test_images, test_labels = _to_device_nchw(data.test_images, device), torch.from_numpy(data.test_labels)
+    data = load_device_data(config, device, resume_state["normalization"] if resume_state else None)
     timer.data_load_s += time.perf_counter() - t0
-
     if config.batch_size % runtime.world_size:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {runtime.world_size} ranks")
-    steps_per_epoch = len(train_images) // config.batch_size
+    steps_per_epoch = len(data.train_images) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {config.batch_size} exceeds the {len(train_images)} training images")
+        raise ValueError(f"--batch-size {config.batch_size} exceeds the {len(data.train_images)} training images")
     total_steps = max(1, round(config.epochs * steps_per_epoch))
     num_epochs = math.ceil(total_steps / steps_per_epoch)
 
-    # ---- model, optimizer, averaging
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, data.num_classes)
-    apply_init(model, config.init)
-    model.to(device)
-    if hasattr(model, "init_from_data") and not resume_state:
-        model.init_from_data(normalize(train_images[:5000], mean, std))
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, config)
-    lookahead = Lookahead(model) if config.averaging == "lookahead" else None
-    ema = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
-        if config.averaging == "ema"
-        else None
+    state = build_model_state(config, data, device, resume_state)
+    flip_bits = (torch.rand(len(data.train_images), generator=torch.Generator().manual_seed(config.seed)) < 0.5).to(
+        device
     )
-    flip_bits = torch.rand(len(train_images), generator=torch.Generator().manual_seed(config.seed)) < 0.5
-    flip_bits = flip_bits.to(device)
-    step, start_epoch = 0, 0
-    if resume_state:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if lookahead:
-            lookahead.load_state_dict(resume_state["lookahead"])
-        if ema:
-            ema.module.load_state_dict(resume_state["ema"])
-            ema.n_averaged.fill_(resume_state["ema_n_averaged"])
-        step, start_epoch = resume_state["step"], resume_state["epoch"]
-        restore_rng_states(resume_state["rng"])
-    eval_model = ema.module if ema else model
-    train_model = (
-        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        if runtime.distributed
-        else model
-    )
+    train_model = state.model
+    if runtime.distributed:
+        train_model = DistributedDataParallel(state.model, device_ids=[device] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    def batches(epoch: int, steps: int):
+        return train_batches(
+            data.train_images, data.train_labels, batch_size=config.batch_size, epoch=epoch, seed=config.seed,
+            mean=data.mean, std=data.std, translate=config.translate, flip=config.flip, flip_bits=flip_bits,
+            cutout_size=config.cutout, rank=runtime.rank, world_size=runtime.world_size, max_steps=steps,
+            channels_last=config.channels_last,
+        )  # fmt: skip
+
+    def checkpoint(finished: bool) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "model_name": config.model, "num_classes": len(data.class_names),
+            "class_names": data.class_names, "normalization": {"mean": data.mean.tolist(), "std": data.std.tolist()},
+            **state.state_dict(), "total_steps": total_steps, "finished": finished, "rng": rng_states(),
+            "config": dataclasses.asdict(config), "commands": command, "timer": dataclasses.asdict(timer),
+        }  # fmt: skip
 
     metrics_path, checkpoint_path = out / "metrics.jsonl", out / CHECKPOINT_NAME
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
         report.rewrite_metrics(
-            metrics_path, [r for r in report.read_metrics(metrics_path) if r["epoch"] <= start_epoch]
+            metrics_path, [r for r in report.read_metrics(metrics_path) if r["epoch"] <= state.epoch]
         )
         log.info(
             "%s: %s params | %d train / %d val / %d test images | %d epochs x %d steps of %d | device %s x%d, %s%s",
-            config.model, f"{count_parameters(model):,}", len(train_images), len(val_images), len(test_images),
-            num_epochs, steps_per_epoch, config.batch_size, device, runtime.world_size, precision,
-            ", compiled" if config.compile else "",
+            config.model, f"{count_parameters(state.model):,}", len(data.train_images), len(data.val_images),
+            len(data.test_images), num_epochs, steps_per_epoch, config.batch_size, device, runtime.world_size,
+            precision, ", compiled" if config.compile else "",
         )  # fmt: skip
-
     if config.compile:
         train_model = torch.compile(train_model)
-        batch = next(iter(_epoch_batches(train_images, train_labels, config, runtime, flip_bits, mean, std, 0, 1)))
-        timer.compile_warmup_s += _warm_up_compiled(train_model, model, optimizer, batch, config, runtime, precision)
+        timer.compile_warmup_s += _warm_up_compiled(train_model, state, next(batches(0, 1)), config, runtime, precision)
         log.info("torch.compile warm-up: %.1f s (not counted as training time)", timer.compile_warmup_s)
 
-    def checkpoint_state(epoch: int, finished: bool) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model_name": config.model,
-            "num_classes": data.num_classes,
-            "class_names": list(data.class_names),
-            "normalization": {"mean": mean.tolist(), "std": std.tolist()},
-            "model": model.state_dict(),
-            "ema": ema.module.state_dict() if ema else None,
-            "ema_n_averaged": int(ema.n_averaged) if ema else 0,
-            "lookahead": lookahead.state_dict() if lookahead else None,
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "total_steps": total_steps,
-            "finished": finished,
-            "rng": rng_states(),
-            "config": dataclasses.asdict(config),
-            "commands": command,
-            "timer": dataclasses.asdict(timer),
-        }
-
-    # ---- training
-    for epoch in range(start_epoch, num_epochs):
-        epoch_steps = min(steps_per_epoch, total_steps - step)
-        _synchronize(device)
-        epoch_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        first_bad = torch.full((), total_steps + 1, device=device)
-        bar = tqdm(total=epoch_steps * config.batch_size, unit="img", unit_scale=True, leave=False,
-                   desc=f"epoch {epoch + 1}/{num_epochs}", disable=not runtime.is_main, dynamic_ncols=True)  # fmt: skip
-        batches = _epoch_batches(train_images, train_labels, config, runtime, flip_bits, mean, std, epoch, epoch_steps)
-        lr = 0.0
-        for i, (inputs, labels) in enumerate(batches):
-            lr = set_lr(
-                optimizer, lr_factor(step, total_steps, config), freeze_whiten_bias=epoch >= config.whiten_bias_epochs
-            )
-            loss, batch_correct = train_step(train_model, optimizer, inputs, labels, device=device, precision=precision,
-                                             label_smoothing=config.label_smoothing, scaler=scaler)  # fmt: skip
-            first_bad = torch.where(
-                torch.isfinite(loss), first_bad, torch.minimum(first_bad, torch.tensor(step, device=device))
-            )
-            loss_sum += loss
-            correct += batch_correct
-            step += 1
-            if lookahead and (step % Lookahead.every == 0 or step == total_steps):
-                lookahead.update(model, step, total_steps)
-            if ema:
-                ema.update_parameters(model)
-            if (i + 1) % SYNC_EVERY == 0 or i + 1 == epoch_steps:
-                _check_finite(runtime, first_bad, total_steps, epoch, checkpoint_path)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", refresh=False)
-                bar.update(config.batch_size * (i + 1) - bar.n)
-        bar.close()
-        _synchronize(device)
-        epoch_time = time.perf_counter() - epoch_start
-        timer.train_s += epoch_time
-        totals = all_reduce_sum(runtime, torch.stack([loss_sum.float(), correct.float()]))
-        train_loss = totals[0].item() / (epoch_steps * runtime.world_size)
-        train_acc = totals[1].item() / (epoch_steps * config.batch_size)
-
-        t_eval = time.perf_counter()
-        val_acc = None
-        if runtime.is_main and len(val_images):
-            val_logits, _ = predict_logits(
-                eval_model, val_images, mean, std, tta=0, precision=precision, channels_last=config.channels_last
-            )
-            val_acc = accuracy(val_logits, val_labels)
-        timer.eval_s += time.perf_counter() - t_eval
-        timer.wall_s = wall_before + time.perf_counter() - process_start
+    while state.epoch < num_epochs:
+        steps = min(steps_per_epoch, total_steps - state.step)
+        hint = (
+            f"the last good checkpoint {str(checkpoint_path)!r} is left intact"
+            if checkpoint_path.exists()
+            else "no checkpoint was written"
+        )
+        stats = train_one_epoch(state, train_model, batches(state.epoch, steps), steps=steps, total_steps=total_steps, num_epochs=num_epochs,
+                                config=config, runtime=runtime, precision=precision, scaler=scaler, checkpoint_hint=hint)  # fmt: skip
+        timer.train_s += stats.seconds
         if runtime.is_main:
+            t_eval = time.perf_counter()
+            val_acc = None
+            if len(data.val_images):
+                logits, _ = predict_logits(state.eval_model, data.val_images, data.mean, data.std, tta=0,
+                                           precision=precision, channels_last=config.channels_last)  # fmt: skip
+                val_acc = accuracy(logits, data.val_labels)
+            timer.eval_s += time.perf_counter() - t_eval
+            timer.wall_s = wall_before + time.perf_counter() - process_start
             row = {
-                "epoch": epoch + 1, "step": step, "train_loss": train_loss, "train_acc": train_acc, "val_acc": val_acc,
-                "lr": lr, "epoch_time_s": epoch_time, "train_time_s": timer.train_s, "wall_time_s": timer.wall_s,
-                "images_per_s": epoch_steps * config.batch_size / epoch_time,
+                "epoch": state.epoch, "step": state.step, "train_loss": stats.train_loss, "train_acc": stats.train_acc,
+                "val_acc": val_acc, "lr": stats.lr, "epoch_time_s": stats.seconds, "train_time_s": timer.train_s,
+                "wall_time_s": timer.wall_s, "images_per_s": stats.images / stats.seconds,
             }  # fmt: skip
             # Metrics first: a kill between the two leaves a row that --resume drops and redoes;
             # the other order would leave a checkpoint whose epoch has no row, ever.
             report.append_metrics(metrics_path, row)
-            save_checkpoint(checkpoint_state(epoch + 1, finished=False), checkpoint_path)
-            val_text = f"val acc {100 * val_acc:.2f}%" if val_acc is not None else "no val split"
+            save_checkpoint(checkpoint(finished=False), checkpoint_path)
             log.info(
                 "epoch %d/%d  train loss %.4f acc %.2f%%  %s  lr %.4g  %.0f img/s  elapsed %.0f s",
-                epoch + 1, num_epochs, train_loss, 100 * train_acc, val_text, lr, row["images_per_s"], timer.wall_s,
+                state.epoch, num_epochs, stats.train_loss, 100 * stats.train_acc,
+                f"val acc {100 * val_acc:.2f}%" if val_acc is not None else "no val split", stats.lr,
+                row["images_per_s"], timer.wall_s,
             )  # fmt: skip
         barrier(runtime)
 
     if not runtime.is_main:
         return None
-    # ---- final evaluation; the test set is only reported, never used for a choice
-    t_eval = time.perf_counter()
-    test_plain, test_tta = predict_logits(
-        eval_model, test_images, mean, std, tta=config.tta, precision=precision, channels_last=config.channels_last
-    )
-    result = {
-        "model": config.model,
-        "parameters": count_parameters(model),
-        "class_names": list(data.class_names),
-        "test": classification_report(test_plain, test_labels, list(data.class_names)),
-        "test_tta": {"level": config.tta, **classification_report(test_tta, test_labels, list(data.class_names))},
-    }
-    if len(val_images):
-        val_plain, val_tta = predict_logits(
-            eval_model, val_images, mean, std, tta=config.tta, precision=precision, channels_last=config.channels_last
-        )
-        result["val"] = {"accuracy": accuracy(val_plain, val_labels), "accuracy_tta": accuracy(val_tta, val_labels)}
-    timer.eval_s += time.perf_counter() - t_eval
+    result = final_evaluation(state, data, config, precision, timer)
     timer.wall_s = wall_before + time.perf_counter() - process_start
-    images_seen = step * config.batch_size
     result.update(
         timing=dataclasses.asdict(timer),
-        train_images_per_s=images_seen / timer.train_s if timer.train_s else None,
-        epochs=config.epochs, steps=step,
+        train_images_per_s=state.step * config.batch_size / timer.train_s if timer.train_s else None,
+        epochs=config.epochs, steps=state.step,
         environment=report.environment_info(device, torch.get_num_threads(), runtime.world_size, precision),
-        data={"source": data.source, "train": len(train_images), "val": len(val_images), "test": len(test_images)},
+        data={"source": data.source, "train": len(data.train_images), "val": len(data.val_images), "test": len(data.test_images)},
         config=dataclasses.asdict(config), commands=command,
     )  # fmt: skip
-    save_checkpoint(checkpoint_state(num_epochs, finished=True), checkpoint_path)
+    save_checkpoint(checkpoint(finished=True), checkpoint_path)
     report.write_json_atomic(out / "report.json", result)
     report.plot_curves(report.read_metrics(metrics_path), out / "curves.png")
-    report.plot_confusion(result["test"]["confusion_matrix"], list(data.class_names), out / "confusion.png",
+    report.plot_confusion(result["test"]["confusion_matrix"], data.class_names, out / "confusion.png",
                           f"{config.model}: test accuracy {100 * result['test']['accuracy']:.2f}% (no TTA)")  # fmt: skip
     log.info(
         "test accuracy %.2f%% (TTA level %d: %.2f%%) | train %.0f s, eval %.0f s, wall %.0f s | %s",
@@ -314,35 +260,30 @@ def run(config: TrainConfig, runtime: Runtime, out: Path, resume_state: dict | N
     return result
 
 
-def _epoch_batches(images, labels, config: TrainConfig, runtime: Runtime, flip_bits, mean, std, epoch: int, steps: int):
-    from trainer.augment import train_batches
+def final_evaluation(state: TrainState, data: DeviceData, config: TrainConfig, precision: str, timer: Timer) -> dict:
+    """Test (and validation) accuracy with and without TTA. The test set is only reported, never used for a choice."""
+    start = time.perf_counter()
 
-    for inputs, targets in train_batches(
-        images, labels, batch_size=config.batch_size, epoch=epoch, seed=config.seed, mean=mean, std=std,
-        translate=config.translate, flip=config.flip, flip_bits=flip_bits, cutout_size=config.cutout,
-        rank=runtime.rank, world_size=runtime.world_size, max_steps=steps,
-    ):  # fmt: skip
-        if config.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        yield inputs, targets
+    def logits(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return predict_logits(state.eval_model, images, data.mean, data.std, tta=config.tta, precision=precision,
+                              channels_last=config.channels_last)  # fmt: skip
 
-
-def _check_finite(runtime: Runtime, first_bad: torch.Tensor, total_steps: int, epoch: int, checkpoint: Path) -> None:
-    if runtime.distributed:
-        import torch.distributed as dist
-
-        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-    bad_step = int(first_bad.item())
-    if bad_step <= total_steps:
-        kept = (
-            f"the last good checkpoint {str(checkpoint)!r} is left intact"
-            if checkpoint.exists()
-            else "no checkpoint was written"
-        )
-        raise NonFiniteLossError(
-            f"the training loss became NaN/inf at step {bad_step} (epoch {epoch + 1}); {kept}. "
-            f"Lower --lr or use --precision fp32."
-        )
+    test_plain, test_tta = logits(data.test_images)
+    result = {
+        "model": config.model,
+        "parameters": count_parameters(state.model),
+        "class_names": data.class_names,
+        "test": classification_report(test_plain, data.test_labels, data.class_names),
+        "test_tta": {"level": config.tta, **classification_report(test_tta, data.test_labels, data.class_names)},
+    }
+    if len(data.val_images):
+        val_plain, val_tta = logits(data.val_images)
+        result["val"] = {
+            "accuracy": accuracy(val_plain, data.val_labels),
+            "accuracy_tta": accuracy(val_tta, data.val_labels),
+        }
+    timer.eval_s += time.perf_counter() - start
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,9 +126,9 @@ class FastResNet(nn.Module):
         return self.head(x) * self.logit_scale
 
 
-@_register("fast_resnet", "default: whitening stem + 3 residual groups 64/128/256, ~1.2M params (sized for CPUs)")
+@_register("fast_resnet", "default: whitening stem + 3 residual groups 48/96/192, ~0.66M params (sized for CPUs)")
 def _fast_resnet(num_classes: int) -> nn.Module:
-    return FastResNet(num_classes, widths=(64, 128, 256))
+    return FastResNet(num_classes, widths=(48, 96, 192))
 
 
 @_register("fast_resnet_256", "fast_resnet at airbench94's widths 64/256/256, ~2.0M params")
