@@ -160,7 +160,7 @@ def test_export_manifest_has_the_documented_fields(manifest: dict, trained_run: 
     assert training["report"]["test_accuracy"] == report["test"]["accuracy"]
     assert any("trainer.fit" in c for c in manifest["commands"]["train"])
     assert "trainer.export" in manifest["commands"]["export"] and "--pt2" in manifest["commands"]["export"]
-    assert manifest["data"]["test_images"] == 2000
+    assert manifest["data"]["test_images"] == 10000
 
 
 def test_export_onnx_passes_the_full_checker_with_a_dynamic_batch(exported_model: Path) -> None:
