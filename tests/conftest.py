@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,17 @@ def default_model() -> Path:
     if not (DEFAULT_MODEL / "manifest.json").is_file():
         pytest.fail(f"the bundled default model is missing from {DEFAULT_MODEL}")
     return DEFAULT_MODEL
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """In-process torch work on one thread: on two shared cores, OpenMP spinning makes two threads slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,22 +34,13 @@ from trainer.contract import NormalizedModel, input_contract
 from trainer.data import load_dataset
 from trainer.parity import ParityError, check_parity, reference_outputs, torch_runner
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FP32_KINDS = ("onnx", "torchscript", "torch_export")
 BATCH_SIZES = (1, 7, 64)
 ARTIFACT_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "onnx_int8": "model.int8.onnx", "torch_export": "model.pt2"}  # fmt: skip
 Runner = Callable[[np.ndarray], np.ndarray]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Two cores shared with other jobs: one intra-op thread avoids OpenMP stalls at batch 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

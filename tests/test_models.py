@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,6 +23,8 @@ from trainer.models import (
     count_parameters,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _summary_parameters(summary: str) -> float | None:
     """The parameter count a registry summary states ('~2.0M params', '62K params'), if any."""
@@ -37,15 +38,6 @@ MODELS_WITH_COUNTS = [name for name, spec in MODELS.items() if _summary_paramete
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # The test machine has two cores shared with other jobs: one thread avoids OpenMP stalls there.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_registry_lists_every_model_with_a_summary() -> None:
