@@ -13,6 +13,7 @@ import functools
 import http.server
 import io
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -26,7 +27,7 @@ from typing import ClassVar
 import httpx
 import numpy as np
 import pytest
-from helpers import ServedClassifier, image_bytes, read_test_images
+from helpers import REPO, ServedClassifier, image_bytes, read_test_images
 from PIL import Image, ImageOps
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -572,3 +573,18 @@ def test_verify_checksums_refuses_truncated_and_missing_files(default_model: Pat
     (copy / "model.onnx").unlink()
     with pytest.raises(ModelError, match=r"model\.onnx.*missing"):
         verify_checksums(load_model_dir(copy), ["onnx"])
+
+
+@pytest.mark.slow
+def test_bentoml_build_packages_the_service_and_the_default_model(tmp_path: Path) -> None:
+    """`bentoml build` reads bentofile.yaml and produces a Bento holding the service code and the bundled model."""
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "1"}
+    result = subprocess.run(["bentoml", "build"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (bento,) = (tmp_path / "home" / "bentos" / "cifar10-classifier").glob("*/bento.yaml")
+    source = bento.parent / "src"
+    assert "entry_service: cifar10_classifier" in bento.read_text()
+    assert (source / "serving" / "service.py").is_file()
+    manifest = json.loads((source / "exported_models" / "default" / "manifest.json").read_text())
+    for entry in manifest["artifacts"].values():
+        assert (source / "exported_models" / "default" / entry["file"]).stat().st_size == entry["bytes"]
