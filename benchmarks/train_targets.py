@@ -35,9 +35,11 @@ def run_fit(out: Path, data: str, device: str, extra: list[str]) -> dict:
     """Run trainer.fit to completion in a subprocess; return its report plus the process wall time."""
     command = [sys.executable, "-m", "trainer.fit", "--data", data, "--device", device, "--out", str(out), *extra]
     print("$", " ".join(command[1:]), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, check=True, stderr=subprocess.DEVNULL if not sys.stderr.isatty() else None)
-    wall = time.perf_counter() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.log", "w") as log:  # the run's own log and progress bars
+        start = time.perf_counter()
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - start
     report = json.loads((out / "report.json").read_text())
     row = {
         "command": " ".join(["python", *command[1:]]),

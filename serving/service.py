@@ -57,9 +57,17 @@ class ImageModel:
 
     def __init__(self) -> None:
         self.ready = False
+        self.failed: str | None = None
         threading.Thread(target=self._load_and_warm_up, name="warm-up", daemon=True).start()
 
     def _load_and_warm_up(self) -> None:
+        try:
+            self._warm_up()
+        except Exception as err:  # any load failure must surface as "not alive", not a silent hang
+            self.failed = f"{type(err).__name__}: {err}"
+            log.exception("loading model %s failed; /healthz now reports the worker dead", MODEL.folder)
+
+    def _warm_up(self) -> None:
         threads = SETTINGS.threads or max(1, (os.cpu_count() or 1) // SETTINGS.workers)
         self.run = load_backend(MODEL, SETTINGS.backend, threads=threads)
         start = time.monotonic()
@@ -79,6 +87,9 @@ class ImageModel:
 
     def __is_ready__(self) -> bool:
         return self.ready
+
+    def __is_alive__(self) -> bool:
+        return self.failed is None
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
     def predict(self, pixels: PixelBatch) -> np.ndarray:
