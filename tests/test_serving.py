@@ -17,6 +17,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -579,7 +580,9 @@ def test_verify_checksums_refuses_truncated_and_missing_files(default_model: Pat
 def test_bentoml_build_packages_the_service_and_the_default_model(tmp_path: Path) -> None:
     """`bentoml build` reads bentofile.yaml and produces a Bento holding the service code and the bundled model."""
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "1"}
-    result = subprocess.run(["bentoml", "build"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     (bento,) = (tmp_path / "home" / "bentos" / "cifar10-classifier").glob("*/bento.yaml")
     source = bento.parent / "src"

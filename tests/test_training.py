@@ -94,7 +94,7 @@ def test_fit_short_run_beats_chance_and_writes_the_run_folder(trained_run: Path)
     assert (report["data"]["train"], report["data"]["val"], report["data"]["test"]) == (10000, 1000, 10000)
 
     rows = _metrics(trained_run)
-    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert all(r["val_acc"] is not None for r in rows)
     config = json.loads((trained_run / "config.json").read_text())
     assert config == report["config"]
@@ -105,7 +105,11 @@ def test_fit_checkpoint_loads_safely_with_the_documented_keys(trained_run: Path)
     state = load_state(trained_run)  # weights_only=True: no arbitrary code on load
     assert state.keys() >= CHECKPOINT_KEYS, sorted(CHECKPOINT_KEYS - state.keys())
     assert state["format"] == CHECKPOINT_FORMAT and state["model_name"] == "resnet20"
-    assert state["finished"] is True and state["epoch"] == 3 and state["step"] == state["total_steps"] == 3 * 62
+    assert (
+        state["finished"] is True
+        and state["epoch"] == 4
+        and state["step"] == state["total_steps"] == 4 * (10000 // 128)
+    )
     assert state["class_names"] == CLASSES and state["num_classes"] == 10
     assert len(state["normalization"]["mean"]) == len(state["normalization"]["std"]) == 3
     assert TrainConfig(**state["config"]).model == "resnet20"
