@@ -16,7 +16,7 @@ class ServiceSettings(BaseModel):
     workers: int = Field(1, ge=1)
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0: cores / workers
     max_batch_size: int = Field(64, ge=2)  # images per adaptive batch
-    max_latency_ms: int = Field(250, ge=1)  # the dispatcher refuses work it expects to take longer (503)
+    max_latency_ms: int = Field(1000, ge=1)  # the dispatcher refuses work it expects to take longer (503)
     max_concurrency: int = Field(256, ge=1)  # requests in flight per worker; more get 429 (bounded queue)
     timeout_s: int = Field(10, ge=1)
     max_images: int = Field(64, ge=1)  # images per /classify request

@@ -49,12 +49,12 @@ def shared_archive() -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real (short) ResNet-20 run on 10,000 training images: about a minute on 2 idle cores."""
+    """A real (short) ResNet-20 run on 10,000 training images: a few minutes on 2 idle cores."""
     out = tmp_path_factory.mktemp("runs") / "resnet20"
     run_module(
         "trainer.fit", "--data", str(shared_archive), "--model", "resnet20", "--train-subset", "10000",
         "--val-size", "1000", "--epochs", "4", "--batch-size", "128", "--lr", "0.2", "--tta", "1",
-        "--device", TEST_DEVICE, "--out", str(out),
+        "--device", TEST_DEVICE, "--out", str(out), timeout=1800,  # generous: CI machines are shared
     )  # fmt: skip
     return out
 
@@ -65,7 +65,7 @@ def exported_model(trained_run: Path, shared_archive: Path, tmp_path_factory: py
     out = tmp_path_factory.mktemp("exported") / "resnet20-test"
     run_module(
         "trainer.export", str(trained_run), "--out", str(out), "--data", str(shared_archive), "--pt2",
-        "--parity-images", "300",
+        "--parity-images", "300", timeout=1800,
     )  # fmt: skip
     return out
 

@@ -200,6 +200,7 @@ def export_checkpoint(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the exported folder is meant to be shared and served
     try:
         manifest = _build_artifacts(
             model, state, staging, parity_x, test_x, test_y, calibration, options, checkpoint, options.name or out.name
