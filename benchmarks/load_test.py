@@ -363,7 +363,6 @@ def benchmark_server(args: argparse.Namespace, label: str, overrides: dict | Non
     server, settings, url = None, None, (args.url or "").rstrip("/")
     if overrides is not None:
         settings = ServiceSettings(**overrides).model_dump()  # what the server reads (CLASSIFIER_* included)
-        settings["threads"] = settings["threads"] or max(1, (os.cpu_count() or 1) // settings["workers"])
         home = Path(tempfile.mkdtemp(prefix="bentoml-home-"))
         server = Server(overrides, home / "server.log", home)
         url = server.url

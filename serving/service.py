@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -68,7 +67,7 @@ class ImageModel:
             log.exception("loading model %s failed; /healthz now reports the worker dead", MODEL.folder)
 
     def _warm_up(self) -> None:
-        threads = SETTINGS.threads or max(1, (os.cpu_count() or 1) // SETTINGS.workers)
+        threads = SETTINGS.threads
         self.run = load_backend(MODEL, SETTINGS.backend, threads=threads)
         start = time.monotonic()
         while True:  # every batch size a request can bring, at least once

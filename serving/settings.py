@@ -11,10 +11,11 @@ from pydantic import BaseModel, Field, model_validator
 class ServiceSettings(BaseModel):
     model: str = ""  # exported model folder; empty: $CLASSIFIER_MODEL or exported_models/default
     backend: Literal["onnx", "onnx_int8", "torchscript"] = "onnx"
-    # 1 worker x 2 intra-op threads measured best on 2 cores (see the README's load
-    # benchmark): one queue sees all traffic so batches fill; 2 workers halve them.
-    workers: int = Field(1, ge=1)
-    threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0: cores / workers
+    # One model process per usable core, one intra-op thread each: on 2 cores this served
+    # 19% more images/s at concurrency 32 than 1 worker x 2 threads, with a lower p99
+    # (README, load benchmark `--compare-workers`); small batches parallelise poorly in one process.
+    workers: int = Field(0, ge=0)  # model-service processes; 0: one per usable core
+    threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads per worker; 0: usable cores / workers
     max_batch_size: int = Field(64, ge=2)  # images per adaptive batch
     max_latency_ms: int = Field(1000, ge=1)  # the dispatcher refuses work it expects to take longer (503)
     max_concurrency: int = Field(256, ge=1)  # requests in flight per worker; more get 429 (bounded queue)
@@ -33,3 +34,18 @@ class ServiceSettings(BaseModel):
             if name not in values and env is not None:
                 values[name] = env
         return values
+
+    @model_validator(mode="after")
+    def _resolve_defaults(self) -> ServiceSettings:
+        cores = usable_cores()
+        self.workers = self.workers or cores
+        self.threads = self.threads or max(1, cores // self.workers)
+        return self
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
