@@ -67,8 +67,7 @@ class ImageModel:
             log.exception("loading model %s failed; /healthz now reports the worker dead", MODEL.folder)
 
     def _warm_up(self) -> None:
-        threads = SETTINGS.threads
-        self.run = load_backend(MODEL, SETTINGS.backend, threads=threads)
+        self.run = load_backend(MODEL, SETTINGS.backend, threads=SETTINGS.threads)
         start = time.monotonic()
         while True:  # every batch size a request can bring, at least once
             for n in (1, 2, 4, 8, 16, 32, SETTINGS.max_batch_size):
@@ -79,7 +78,7 @@ class ImageModel:
             "model %s (%s, %d threads) warmed up in %.1f s",
             MODEL.name,
             SETTINGS.backend,
-            threads,
+            SETTINGS.threads,
             time.monotonic() - start,
         )
         self.ready = True

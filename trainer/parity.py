@@ -28,25 +28,22 @@ class ParityError(RuntimeError):
     """An artifact's outputs differ from the eager model's beyond the tolerance."""
 
 
-def torch_runner(module: torch.nn.Module) -> Runner:
-    module.eval()
-
+def _module_runner(module: torch.nn.Module) -> Runner:
     @torch.no_grad()
     def run(batch: np.ndarray) -> np.ndarray:
         return module(torch.from_numpy(batch)).float().numpy()
 
     return run
+
+
+def torch_runner(module: torch.nn.Module) -> Runner:
+    module.eval()
+    return _module_runner(module)
 
 
 def exported_program_runner(path: Path) -> Runner:
     """A torch.export program (.pt2). It was exported in eval mode, and its module refuses .eval()."""
-    module = torch.export.load(str(path)).module()
-
-    @torch.no_grad()
-    def run(batch: np.ndarray) -> np.ndarray:
-        return module(torch.from_numpy(batch)).float().numpy()
-
-    return run
+    return _module_runner(torch.export.load(str(path)).module())
 
 
 def torchscript_runner(path: Path) -> Runner:
