@@ -121,7 +121,7 @@ def environment_info() -> dict:
         ),
         platform.processor(),
     )
-    libraries = ("bentoml", "onnxruntime", "numpy", "Pillow", "locust", "starlette", "uvicorn")
+    libraries = ("bentoml", "onnxruntime", "numpy", "Pillow", "locust", "starlette", "uvicorn", "uvloop", "httptools")
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -220,15 +220,14 @@ class Server:
 
 
 def batch_histogram(url: str) -> tuple[float, float]:
-    """(requests, batches) the model service's dispatcher has run so far, from the front's /metrics.
-
-    BentoML's adaptive_batch_size histogram counts requests per batch, not the images in them."""
+    """(requests, batches) the service's adaptive batching has run so far, summed over its workers, from
+    /metrics (the classifier_batch_requests histogram: requests per model batch)."""
     text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
     totals = Counter()
     for family in text_string_to_metric_families(text):
-        if family.name == "bentoml_service_adaptive_batch_size":
+        if family.name == "classifier_batch_requests":
             for sample in family.samples:
-                if sample.labels.get("method_name") == "predict" and not sample.name.endswith("_bucket"):
+                if not sample.name.endswith("_bucket"):
                     totals[sample.name.rsplit("_", 1)[-1]] += sample.value
     return totals["sum"], totals["count"]
 

@@ -11,10 +11,10 @@ from pydantic import BaseModel, Field, model_validator
 class ServiceSettings(BaseModel):
     model: str = ""  # exported model folder; empty: $CLASSIFIER_MODEL or exported_models/default
     backend: Literal["onnx", "onnx_int8", "torchscript"] = "onnx"
-    # One model process per usable core, one intra-op thread each: on 2 cores this served
-    # 19% more images/s at concurrency 32 than 1 worker x 2 threads, with a lower p99
-    # (README, load benchmark `--compare-workers`); small batches parallelise poorly in one process.
-    workers: int = Field(0, ge=0)  # model-service processes; 0: one per usable core
+    # One worker process per usable core, one intra-op thread each: on 2 cores this served 46% more
+    # requests/s at concurrency 32 than 1 worker x 2 threads, p99 230 vs 308 ms (README, load benchmark
+    # `--compare-workers`): request parsing runs in parallel, and small batches parallelise poorly in one process.
+    workers: int = Field(0, ge=0)  # service worker processes; 0: one per usable core
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads per worker; 0: usable cores / workers
     max_batch_size: int = Field(64, ge=2)  # images per adaptive batch
     max_latency_ms: int = Field(1000, ge=1)  # the dispatcher refuses work it expects to take longer (503)

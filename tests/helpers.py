@@ -1,9 +1,9 @@
 """Helpers for the serving tests: run `bentoml serve` as a real process group, and read test images.
 
 `ServedClassifier` starts `bentoml serve serving.service:Classifier` on a free
-loopback port in a new session: BentoML's arbiter (circus) then starts the front
-and the model service as processes of their own, each in its own session too,
-so stopping ends the arbiter's group and then any worker still alive.
+loopback port in a new session: BentoML's arbiter (circus) then starts the
+service's workers as processes of their own, each in its own session too, so
+stopping ends the arbiter's group and then any worker still alive.
 """
 
 from __future__ import annotations
