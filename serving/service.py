@@ -50,16 +50,19 @@ _, CHANNELS, HEIGHT, WIDTH = MODEL.contract["shape"]
 # Uploads of at most this many pixels in all are decoded on the event loop, which costs less than a thread
 # hop; bigger ones go to a thread so that the worker keeps serving while they decode.
 INLINE_DECODE_PIXELS = 64 * 64 * 16
-_BUCKETS = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if n < SETTINGS.max_batch_size]
+_BATCH_BUCKETS = [
+    *(n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n < SETTINGS.max_batch_size),
+    SETTINGS.max_batch_size,
+]
 BATCH_IMAGES = bentoml.metrics.Histogram(
     name="classifier_batch_images",
     documentation="Images per model batch formed by adaptive batching",
-    buckets=[*_BUCKETS, SETTINGS.max_batch_size],
+    buckets=_BATCH_BUCKETS,
 )
 BATCH_REQUESTS = bentoml.metrics.Histogram(
     name="classifier_batch_requests",
     documentation="Requests (or parts of split requests) per model batch formed by adaptive batching",
-    buckets=[*_BUCKETS, SETTINGS.max_batch_size],
+    buckets=_BATCH_BUCKETS,
 )
 
 
@@ -160,15 +163,16 @@ class Classifier:
         """Classify uploaded image files (field `images`, repeatable); returns top-k labels per image."""
         if not 1 <= k <= len(MODEL.class_names):
             return _error(400, f"k must be between 1 and {len(MODEL.class_names)}, got {k}")
+        names = [_upload_name(path) for path in images]
+        blobs = [path.read_bytes() for path in images]
         try:
-            blobs = [path.read_bytes() for path in images]
             if _declared_pixels(blobs) <= INLINE_DECODE_PIXELS:
-                pixels = _decode_all(blobs, images)
+                pixels = _decode_all(blobs, names)
             else:
-                pixels = await asyncio.to_thread(_decode_all, blobs, images)
+                pixels = await asyncio.to_thread(_decode_all, blobs, names)
         except ImageError as err:
             return _error(400, str(err))
-        return await self._answer(pixels, k, [_upload_name(p) for p in images])
+        return await self._answer(pixels, k, names)
 
     @bentoml.api(route="/classify_pixels")
     async def classify_pixels(self, pixels: np.ndarray, k: int = 3) -> list[dict]:
@@ -218,11 +222,11 @@ def _declared_pixels(blobs: list[bytes]) -> int:
     return total
 
 
-def _decode_all(blobs: list[bytes], files: list[Path]) -> np.ndarray:
+def _decode_all(blobs: list[bytes], names: list[str]) -> np.ndarray:
     return np.stack(
         [
-            decode_image(blob, MODEL.contract, name=_upload_name(f), max_pixels=SETTINGS.max_pixels)
-            for blob, f in zip(blobs, files, strict=True)
+            decode_image(blob, MODEL.contract, name=name, max_pixels=SETTINGS.max_pixels)
+            for blob, name in zip(blobs, names, strict=True)
         ]
     )
 
