@@ -27,7 +27,7 @@ import numpy as np
 # BentoML batches only a batchable @bentoml.api, reached over HTTP with one argument (no per-request `k`).
 # Routing each /classify through such an API costs a second HTTP request per call: as a separate model
 # service that served 91-107 requests/s at concurrency 32 on 2 cores (p99 ~600 ms); BentoML's in-process
-# self-call also answered 500s under load. The same dispatcher called in process serves ~2.5x that (README,
+# self-call also answered 500s under load. The same dispatcher called in process serves ~2x that (README,
 # load benchmark). It is internal API, hence bentoml pinned <1.5 and the batching tests in tests/test_serving.py.
 from bentoml._internal.marshal.dispatcher import CorkDispatcher
 from PIL import Image
