@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -24,17 +23,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import torch
 
-from serving.model import load_backend, load_model_dir
-from serving.preprocess import pixels_to_input
-from trainer.contract import MirrorAveraged, NormalizedModel
+from bundle.environment import library_versions
+from bundle.manifest import load_model_dir
+from bundle.preprocess import pixels_to_input
+from bundle.runtime import load_backend
 from trainer.data import load_dataset
 from trainer.export import export_int8, export_onnx, export_torchscript, load_trained_model
 from trainer.models import build_model
-from trainer.parity import check_parity, measure_accuracy, onnx_runner, reference_outputs, torch_runner
+from trainer.parity import (
+    check_parity,
+    measure_accuracy,
+    onnx_runner,
+    reference_outputs,
+    torch_runner,
+    torchscript_runner,
+)
 from trainer.report import environment_info
+from trainer.wrappers import MirrorAveraged, NormalizedModel
 
 BACKENDS = ("torch_eager", "torchscript", "onnx", "onnx_int8")
 RESULTS = Path(__file__).parent / "results"
@@ -45,8 +52,8 @@ def eager_from_bundle(folder: Path) -> torch.nn.Module:
     model = load_model_dir(folder)
     program = torch.export.load(str(model.artifact_path("torch_export")))
     contract = model.contract
-    module = NormalizedModel(build_model(model.manifest["architecture"], len(model.class_names)),
-                             contract["normalization"]["mean"], contract["normalization"]["std"])  # fmt: skip
+    net = build_model(model.manifest["architecture"], len(model.class_names))
+    module = NormalizedModel(net, contract["normalization"]["mean"], contract["normalization"]["std"])
     if model.manifest.get("tta") == "mirror":
         module = MirrorAveraged(module)
     module.load_state_dict(program.state_dict)
@@ -54,14 +61,15 @@ def eager_from_bundle(folder: Path) -> torch.nn.Module:
 
 
 def resnet18_artifacts(
-    folder: Path, checkpoint: str | None, calibration: np.ndarray, check_images: np.ndarray
+    folder: Path, checkpoint: str | None, normalization: dict, calibration: np.ndarray, check_images: np.ndarray
 ) -> tuple[torch.nn.Module, dict[str, Path]]:
-    """Export a ResNet-18 (trained checkpoint or random init) to every format, behind the parity gates."""
+    """Export a ResNet-18 (trained checkpoint, or random init with the bundle's normalisation) to every format,
+    behind the parity gates."""
     if checkpoint:
-        model, _ = load_trained_model(checkpoint)
+        model, _, _ = load_trained_model(checkpoint)
     else:
         torch.manual_seed(0)
-        model = NormalizedModel(build_model("resnet18"), [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]).eval()
+        model = NormalizedModel(build_model("resnet18"), normalization["mean"], normalization["std"]).eval()
     paths = {"onnx": folder / "model.onnx", "torchscript": folder / "model.ts", "onnx_int8": folder / "model.int8.onnx"}
     export_onnx(model, paths["onnx"])
     export_torchscript(model, paths["torchscript"])
@@ -109,11 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset(args.data)
     contract = bundle.contract
     test_x = pixels_to_input(data.test_images, contract)
-    calibration = pixels_to_input(data.train_images[np.random.default_rng(0).permutation(50_000)[:512]], contract)
+    sample = np.random.default_rng(0).permutation(len(data.train_images))[:512]
+    calibration = pixels_to_input(data.train_images[sample], contract)
 
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        r18_model, r18_paths = resnet18_artifacts(Path(tmp), args.resnet18_checkpoint, calibration, test_x[:256])
+        r18_model, r18_paths = resnet18_artifacts(
+            Path(tmp), args.resnet18_checkpoint, contract["normalization"], calibration, test_x[:256]
+        )
         models = {
             bundle.name: {
                 "torch_eager": torch_runner(eager_from_bundle(bundle.folder)),
@@ -123,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "resnet18" + ("" if args.resnet18_checkpoint else " (random weights)"): {
                 "torch_eager": torch_runner(r18_model),
-                "torchscript": torch_runner(torch.jit.load(str(r18_paths["torchscript"]))),
+                "torchscript": torchscript_runner(r18_paths["torchscript"]),
                 "onnx": onnx_runner(r18_paths["onnx"], threads=args.threads),
                 "onnx_int8": onnx_runner(r18_paths["onnx_int8"], threads=args.threads),
             },
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                     results[name]["test_accuracy"][backend] = measure_accuracy(run, test_x, data.test_labels)
 
     env = environment_info(torch.device("cpu"), args.threads, 1, "fp32")
-    env["onnxruntime"] = onnxruntime.__version__
+    env["onnxruntime"] = library_versions(("onnxruntime",))["onnxruntime"]
     payload = {"date": datetime.date.today().isoformat(), "config": vars(args), "environment": env, "results": results}
     _print_table(payload)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -155,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_table(payload: dict) -> None:
     env = payload["environment"]
-    print(f"\n{payload['date']}, {env['device_name']} ({env['cpu_count']} cores, {payload['config']['threads']} threads), "
-          f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, {platform.python_version()}; "
-          f"median img/s of {payload['config']['repeats']} runs\n")  # fmt: skip
+    print(
+        f"\n{payload['date']}, {env['device_name']} ({env['cpu_count']} cores, {payload['config']['threads']} "
+        f"threads), torch {env['torch']}, onnxruntime {env['onnxruntime']}, Python {env['python']}; "
+        f"median img/s of {payload['config']['repeats']} runs\n"
+    )
     sizes = payload["config"]["batch_sizes"]
     print("| model | backend | " + " | ".join(f"batch {b}" for b in sizes) + " | test acc |")
     print("|---|---|" + "---:|" * len(sizes) + "---:|")

@@ -5,7 +5,7 @@ CIFAR-10 test JPEGs from the shared archive in a closed loop: at each concurrenc
 that many simulated users send one request after another for `--duration` seconds, after `--warmup` seconds that
 are not counted. It reports requests/s, images/s, p50/p95/p99 latency of the answered (200) requests, errors by
 status code, and the requests per model batch (from /metrics). Before any server runs it measures the model alone
-in this process (serving.model.load_backend, `--ort-threads` threads, several batch sizes) and prints each level's
+in this process (bundle.runtime.load_backend, `--ort-threads` threads, several batch sizes) and prints each level's
 images/s as a fraction of the best. `--compare-workers` serves 1 worker x 2 threads and 2 workers x 1 thread in
 one run. Results (with the config and machine) go to benchmarks/results/load_test.json, a plot to load_test.png.
 
@@ -26,35 +26,31 @@ from gevent import monkey
 monkey.patch_all()  # locust's clients are greenlets; importing locust would patch too, but after urllib/ssl
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.request
 from collections import Counter
-from importlib.metadata import version
 from pathlib import Path
 from typing import ClassVar
 
 import matplotlib.pyplot as plt
 import numpy as np
-import psutil
 from locust import FastHttpUser, constant, task
 from locust.env import Environment
 from prometheus_client.parser import text_string_to_metric_families
 from urllib3 import encode_multipart_formdata
 
-from serving.model import default_model_dir, load_backend, load_model_dir, sha256_of
-from serving.preprocess import decode_image, pixels_to_input
+from benchmarks.served import ServedClassifier, serve_arguments
+from bundle.class_tree import first_per_class
+from bundle.environment import machine_info
+from bundle.manifest import default_model_dir, load_model_dir, sha256_of
+from bundle.preprocess import decode_image, pixels_to_input
+from bundle.runtime import load_backend
 from serving.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,41 +107,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------ machine, data, upper bound
 
 
-def environment_info() -> dict:
-    """CPU, cores, memory, load and library versions."""
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    libraries = ("bentoml", "onnxruntime", "numpy", "Pillow", "locust", "starlette", "uvicorn", "uvloop", "httptools")
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "load_average_1m": os.getloadavg()[0],
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": {name: version(name) for name in libraries},
-    }
+LIBRARIES = ("bentoml", "onnxruntime", "numpy", "Pillow", "locust", "starlette", "uvicorn", "uvloop", "httptools")
 
 
 def read_images(archive: Path, count: int) -> list[tuple[str, bytes]]:
-    """`count` test JPEGs, as many from each class, straight from the tar (the test split comes first)."""
-    per_class, found = -(-count // 10), {}
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if member.isfile() and len(parts) == 3 and parts[0] == "test":
-                if len(found.setdefault(parts[1], [])) < per_class:
-                    found[parts[1]].append((member.name, tar.extractfile(member).read()))
-            elif found and parts[0] != "test":
-                break
-    return [item for images in zip(*found.values(), strict=False) for item in images][:count]
+    """`count` test JPEGs, as many from each class, interleaved by class (the test split is read first)."""
+    files = first_per_class(archive, "test", -(-count // 10))
+    by_class: dict[str, list[tuple[str, bytes]]] = {}
+    for file in files:
+        by_class.setdefault(file.label, []).append((file.name.removeprefix(f"{archive}:"), file.read()))
+    return [item for images in zip(*by_class.values(), strict=False) for item in images][:count]
 
 
 def measure_ort(model, images: list[tuple[str, bytes]], threads: int, batch_sizes: list[int], seconds: float) -> dict:
@@ -172,51 +143,6 @@ def measure_ort(model, images: list[tuple[str, bytes]], threads: int, batch_size
 
 
 # ------------------------------------------------------------------ the server
-
-
-class Server:
-    """`bentoml serve` in its own session; stop() ends the arbiter and the workers it started with setsid."""
-
-    def __init__(self, overrides: dict[str, object], log_path: Path, home: Path) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        arguments = [item for key, value in overrides.items() for item in ("--arg", f"{key}={value}")]
-        serve = ["-m", "bentoml", "serve", "serving.service:Classifier", "--host", "127.0.0.1", "-p"]
-        command = [sys.executable, *serve, str(self.port), *arguments]
-        env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "1"}
-        self.log_path = log_path
-        with log_path.open("wb") as log_file:
-            self.process = subprocess.Popen(
-                command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"bentoml serve exited {self.process.returncode}:\n{self.log_path.read_text()[-4000:]}"
-                )
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{self.url}/readyz", timeout=5).status == 200:
-                    return
-            time.sleep(0.5)
-        raise RuntimeError(f"bentoml serve not ready after {timeout:.0f} s:\n{self.log_path.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        children = psutil.Process(self.process.pid).children(recursive=True) if self.process.poll() is None else []
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=15)
-        for process in psutil.wait_procs(children, timeout=5)[1]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=5)
 
 
 def batch_histogram(url: str) -> tuple[float, float]:
@@ -363,11 +289,11 @@ def benchmark_server(args: argparse.Namespace, label: str, overrides: dict | Non
     if overrides is not None:
         settings = ServiceSettings(**overrides).model_dump()  # what the server reads (CLASSIFIER_* included)
         home = Path(tempfile.mkdtemp(prefix="bentoml-home-"))
-        server = Server(overrides, home / "server.log", home)
+        server = ServedClassifier(*serve_arguments(overrides), home=home, log_path=home / "server.log").start()
         url = server.url
     try:
         if server:
-            server.wait_ready()
+            server.wait_ready(timeout=300)
         served = json.loads(urllib.request.urlopen(f"{url}/model", timeout=10).read())
         if served["artifacts"]["onnx"]["sha256"] != sha256_of(model.artifact_path("onnx")):
             log.warning("the served model differs from %s: the bound is for another model", model.folder)
@@ -402,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     images = read_images(Path(args.data), 200)
     ClassifyUser.bodies = request_bodies(images, args.images_per_request)
     ClassifyUser.network_timeout = args.timeout
-    env = environment_info()
+    env = machine_info(LIBRARIES)
     print(
         f"machine: {env['cpu']}, {env['cores']} cores ({env['usable_cores']} usable), {env['memory_gib']} GiB, "
         f"load average {env['load_average_1m']:.2f}"

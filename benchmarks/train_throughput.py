@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainer.engine import autocast, cpu_has_native_bf16
 from trainer.models import build_model, count_parameters
+from trainer.precision import autocast, cpu_has_native_bf16
 from trainer.report import environment_info
 
 RESULTS = Path(__file__).parent / "results"

@@ -17,6 +17,8 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.bentoml_adapter import is_too_many_files
+
 
 async def send_error(send: Send, status: int, message: str) -> None:
     body = json.dumps({"error": message, "status": status}).encode()
@@ -85,7 +87,7 @@ class RequestGuard:
             form = await request.form(max_files=self.max_files, max_fields=len(self.other_fields) + 2)
         except (MultiPartException, HTTPException) as err:  # Starlette re-raises MultiPartException as HTTPException
             detail = str(getattr(err, "detail", err))
-            if "files" in detail.lower():
+            if is_too_many_files(detail):
                 return 413, f"too many images in one request: the limit is {self.max_files}"
             return 400, f"malformed multipart body ({detail}); {how}"
         try:

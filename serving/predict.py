@@ -15,17 +15,17 @@ import csv
 import glob
 import json
 import sys
-import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from serving.model import ExportedModel, ModelError, load_backend, load_model_dir, verify_checksums
-from serving.preprocess import ImageError, decode_image, pixels_to_input, softmax, top_k
+from bundle.class_tree import iter_labelled_files
+from bundle.manifest import ExportedModel, ModelError, load_model_dir, verify_checksums
+from bundle.preprocess import IMAGE_SUFFIXES, ImageError, decode_image, pixels_to_input, softmax, top_k
+from bundle.runtime import load_backend
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 OFFLINE_BACKENDS = ("onnx", "onnx_int8")
 
 
@@ -52,35 +52,14 @@ def expand_paths(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]
 
 
 def labelled_items(source: Path, class_names: list[str]) -> Iterator[tuple[str, int, bytes | Path]]:
-    """(name, label, bytes or file) of a class-folder tree or archive; prefers its test/ split if it has one."""
+    """(name, label, bytes or file) of a class-folder tree or archive; its test/ split if it has split folders."""
     index = {name: i for i, name in enumerate(class_names)}
-
-    def label_of(parts: tuple[str, ...]) -> int | None:
-        if len(parts) < 2 or Path(parts[-1]).suffix.lower() not in IMAGE_SUFFIXES:
-            return None
-        if parts[-2] not in index:
+    for file in iter_labelled_files(source, "test"):
+        if file.label not in index:
             raise ValueError(
-                f"folder {parts[-2]!r} in {str(source)!r} is not a class of this model ({', '.join(class_names)})"
+                f"folder {file.label!r} in {str(source)!r} is not a class of this model ({', '.join(class_names)})"
             )
-        return index[parts[-2]]
-
-    if source.is_dir():
-        root = source / "test" if (source / "test").is_dir() else source
-        for file in sorted(root.rglob("*")):
-            if file.is_file() and (label := label_of(file.relative_to(root).parts)) is not None:
-                yield str(file), label, file  # read by predict_stream, which reports unreadable files
-        return
-    if not tarfile.is_tarfile(source):
-        raise ValueError(f"{str(source)!r} is neither a folder nor a tar archive of <class>/<image> files")
-    with tarfile.open(source) as tar:
-        members = [m for m in tar.getmembers() if m.isfile()]
-        has_test = any("test" in Path(m.name).parts[:-2] for m in members)
-        for member in members:
-            parts = Path(member.name).parts
-            if has_test and (len(parts) < 3 or parts[-3] != "test"):
-                continue
-            if (label := label_of(parts)) is not None:
-                yield member.name, label, tar.extractfile(member).read()
+        yield file.name, index[file.label], file.content  # files are read by predict_stream, which reports errors
 
 
 def predict_stream(

@@ -1,19 +1,17 @@
 """CIFAR-10 classification service: `bentoml serve` from the repository root.
 
 One BentoML service. Each worker process parses uploads, decodes them with the
-preprocessing the offline predictor uses (serving/preprocess.py), and hands the
-pixels to BentoML's adaptive-batching dispatcher, which runs the exported model
-(serving/model.py) on batches gathered across concurrent requests. Settings:
-`--arg name=value` or CLASSIFIER_<NAME> (serving/settings.py); the model comes
-from its manifest alone.
+preprocessing the offline predictor uses (bundle/preprocess.py), and hands the
+pixels to BentoML's adaptive batching (serving/bentoml_adapter.py), which runs
+the exported model (bundle/runtime.py) on batches gathered across concurrent
+requests. Settings: `--arg name=value` or CLASSIFIER_<NAME>
+(serving/settings.py); the model comes from its manifest alone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
-import io
 import logging
 import threading
 import time
@@ -23,21 +21,15 @@ from typing import NoReturn
 
 import bentoml
 import numpy as np
-
-# BentoML batches only a batchable @bentoml.api, reached over HTTP with one argument (no per-request `k`).
-# Routing each /classify through such an API costs a second HTTP request per call: as a separate model
-# service that served 91-107 requests/s at concurrency 32 on 2 cores (p99 ~600 ms); BentoML's in-process
-# self-call also answered 500s under load. The same dispatcher called in process serves ~2x that (README,
-# load benchmark). It is internal API, hence bentoml pinned <1.5 and the batching tests in tests/test_serving.py.
-from bentoml._internal.marshal.dispatcher import CorkDispatcher
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from bundle.manifest import load_model_dir, verify_checksums
+from bundle.preprocess import ImageError, declared_pixels, decode_images, pixels_to_input, softmax, top_k
+from bundle.runtime import load_backend
+from serving.bentoml_adapter import adaptive_batcher, upload_name
 from serving.guard import RequestGuard
-from serving.model import load_backend, load_model_dir, verify_checksums
-from serving.preprocess import ImageError, decode_image, pixels_to_input, softmax, top_k
 from serving.settings import ServiceSettings
 
 log = logging.getLogger("serving")
@@ -106,13 +98,13 @@ class Classifier:
     def __init__(self) -> None:
         self.ready = False
         self.failed: str | None = None
-        dispatcher = CorkDispatcher(
-            max_latency_in_ms=SETTINGS.max_latency_ms,
+        # async: uint8 (N, H, W, 3) -> (N, classes), batched across concurrent requests
+        self.probabilities = adaptive_batcher(
+            self._run_batch,
             max_batch_size=SETTINGS.max_batch_size,
-            fallback=_model_busy,
-            get_batch_size=len,
+            max_latency_ms=SETTINGS.max_latency_ms,
+            on_shed=_model_busy,
         )
-        self.probabilities = dispatcher(self._run_batch)  # async: uint8 (N, H, W, 3) -> (N, classes), batched
         threading.Thread(target=self._load_and_warm_up, name="warm-up", daemon=True).start()
 
     def _load_and_warm_up(self) -> None:
@@ -163,13 +155,14 @@ class Classifier:
         """Classify uploaded image files (field `images`, repeatable); returns top-k labels per image."""
         if not 1 <= k <= len(MODEL.class_names):
             return _error(400, f"k must be between 1 and {len(MODEL.class_names)}, got {k}")
-        names = [_upload_name(path) for path in images]
+        names = [upload_name(path) for path in images]
         blobs = [path.read_bytes() for path in images]
+        args = (blobs, names, MODEL.contract, SETTINGS.max_pixels)
         try:
-            if _declared_pixels(blobs) <= INLINE_DECODE_PIXELS:
-                pixels = _decode_all(blobs, names)
+            if sum(map(declared_pixels, blobs)) <= INLINE_DECODE_PIXELS:
+                pixels = decode_images(*args)
             else:
-                pixels = await asyncio.to_thread(_decode_all, blobs, names)
+                pixels = await asyncio.to_thread(decode_images, *args)
         except ImageError as err:
             return _error(400, str(err))
         return await self._answer(pixels, k, names)
@@ -206,29 +199,6 @@ class Classifier:
                 for i, preds in enumerate(ranked)
             ]
         )
-
-
-def _upload_name(path: Path) -> str:
-    # BentoML saves each upload as NamedTemporaryFile(suffix=<original name>): "tmp" + 8 random characters + name.
-    return path.name[11:] if path.name.startswith("tmp") and len(path.name) > 11 else path.name
-
-
-def _declared_pixels(blobs: list[bytes]) -> int:
-    """Width x height summed over the images, from their headers alone (0 for what is not an image)."""
-    total = 0
-    for blob in blobs:
-        with contextlib.suppress(Exception), Image.open(io.BytesIO(blob)) as image:
-            total += image.width * image.height
-    return total
-
-
-def _decode_all(blobs: list[bytes], names: list[str]) -> np.ndarray:
-    return np.stack(
-        [
-            decode_image(blob, MODEL.contract, name=name, max_pixels=SETTINGS.max_pixels)
-            for blob, name in zip(blobs, names, strict=True)
-        ]
-    )
 
 
 Classifier.add_asgi_middleware(

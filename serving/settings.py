@@ -7,6 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from bundle.environment import usable_cores
+from bundle.preprocess import DEFAULT_MAX_PIXELS
+
 
 class ServiceSettings(BaseModel):
     model: str = ""  # exported model folder; empty: $CLASSIFIER_MODEL or exported_models/default
@@ -22,7 +25,7 @@ class ServiceSettings(BaseModel):
     timeout_s: int = Field(10, ge=1)
     max_images: int = Field(64, ge=1)  # images per /classify request
     max_body_mb: float = Field(16.0, gt=0)
-    max_pixels: int = Field(40_000_000, ge=1)  # declared width x height per image (decompression bombs)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # declared width x height per image (decompression bombs)
     warmup_s: float = Field(0.0, ge=0)  # keep warming up at least this long (tests use it to observe /readyz)
 
     @model_validator(mode="before")
@@ -41,11 +44,3 @@ class ServiceSettings(BaseModel):
         self.workers = self.workers or cores
         self.threads = self.threads or max(1, cores // self.workers)
         return self
-
-
-def usable_cores() -> int:
-    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1

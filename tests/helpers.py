@@ -1,126 +1,21 @@
-"""Helpers for the serving tests: run `bentoml serve` as a real process group, and read test images.
-
-`ServedClassifier` starts `bentoml serve serving.service:Classifier` on a free
-loopback port in a new session: BentoML's arbiter (circus) then starts the
-service's workers as processes of their own, each in its own session too, so
-stopping ends the arbiter's group and then any worker still alive.
-"""
+"""Helpers for the serving tests: `bentoml serve` as a real process group (benchmarks.served), test images."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tarfile
-import time
 from pathlib import Path
 
-import httpx
-import psutil
+from benchmarks.served import REPO, ServedClassifier, free_port
+from bundle.class_tree import first_per_class
 
-REPO = Path(__file__).resolve().parent.parent
-SERVICE = "serving.service:Classifier"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServedClassifier:
-    """`bentoml serve` as a subprocess; a context manager that always ends it and its workers on exit."""
-
-    def __init__(self, *args: str, home: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        serve = ["-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "-p", str(self.port)]
-        self.command = [sys.executable, *serve, *args]
-        self.env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "1", **(env or {})}
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> ServedClassifier:
-        """Start the process group (not waiting for readiness)."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                self.command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        return self
-
-    def log(self, tail: int = 6000) -> str:
-        """The last `tail` characters of the server's combined stdout/stderr."""
-        return self.log_path.read_text(errors="replace")[-tail:] if self.log_path.exists() else ""
-
-    def readyz(self) -> int | None:
-        """Status code of GET /readyz, or None when nothing answers yet."""
-        try:
-            return httpx.get(f"{self.url}/readyz", timeout=5).status_code
-        except httpx.TransportError:
-            return None
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        """Poll /readyz until 200; raise (with the log) if the process exits or the time runs out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {self.process.returncode}:\n{self.log()}")
-            if self.readyz() == 200:
-                return
-            time.sleep(0.5)
-        raise RuntimeError(f"bentoml serve not ready after {timeout:.0f} s:\n{self.log()}")
-
-    def stop(self) -> None:
-        """End the arbiter's process group and every process it started, gracefully first (SIGTERM, 15 s)."""
-        if self.process is None:
-            return
-        # circus starts each worker with setsid, so the workers are not in the arbiter's group: list them first.
-        try:
-            children = psutil.Process(self.process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            children = []
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)  # the arbiter stops its workers on SIGTERM
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=15)
-        _, alive = psutil.wait_procs(children, timeout=5)
-        for process in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=5)
-
-    def __enter__(self) -> ServedClassifier:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
+__all__ = ["REPO", "ServedClassifier", "free_port", "image_bytes", "read_test_images"]
 
 
 def read_test_images(archive: Path, per_class: int) -> list[tuple[str, str, bytes]]:
-    """The first `per_class` test JPEGs of each class, straight from the tar: [(member name, class, bytes)].
-
-    The test split comes first in the shared archive, so the read stops early.
-    """
-    found: dict[str, list[tuple[str, bytes]]] = {}
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if not member.isfile() or len(parts) != 3 or parts[0] != "test":
-                if found and parts[0] != "test":
-                    break
-                continue
-            images = found.setdefault(parts[1], [])
-            if len(images) < per_class:
-                images.append((member.name, tar.extractfile(member).read()))
-    return [(name, label, data) for label in sorted(found) for name, data in found[label]]
+    """The first `per_class` test images of each class, straight from the tar: [(member name, class, bytes)]."""
+    return [
+        (f.name.removeprefix(f"{archive}:"), f.label, f.read()) for f in first_per_class(archive, "test", per_class)
+    ]
 
 
 def image_bytes(image, fmt: str, **params) -> bytes:

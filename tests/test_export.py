@@ -28,11 +28,13 @@ from torch import nn
 from trainer_helpers import tiny_fit_args
 
 import trainer.export as export
-from serving.model import onnx_runner
-from serving.preprocess import pixels_to_input
-from trainer.contract import NormalizedModel, input_contract
+from bundle.contract import input_contract
+from bundle.manifest import MANIFEST_FORMAT
+from bundle.preprocess import pixels_to_input
+from bundle.runtime import onnx_runner
 from trainer.data import load_dataset
 from trainer.parity import ParityError, check_parity, reference_outputs, torch_runner
+from trainer.wrappers import NormalizedModel
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -50,7 +52,7 @@ def manifest(exported_model: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def eager(trained_run: Path) -> nn.Module:
-    model, _ = export.load_trained_model(trained_run)
+    model, _, _ = export.load_trained_model(trained_run)
     return model
 
 
@@ -112,7 +114,7 @@ def test_export_manifest_has_the_documented_fields(manifest: dict, trained_run: 
     import onnxruntime
 
     state = torch.load(trained_run / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert manifest["format_version"] == export.MANIFEST_FORMAT == 1
+    assert manifest["format_version"] == MANIFEST_FORMAT == 1
     assert manifest["name"] == exported_model.name and manifest["architecture"] == "resnet20"
     assert manifest["class_names"] == CLASSES
     assert manifest["input"] == input_contract(state["normalization"]["mean"], state["normalization"]["std"])
@@ -385,8 +387,8 @@ def test_export_main_missing_checkpoint_exits_nonzero_as_a_process(tmp_path: Pat
 
 
 def test_load_trained_model_returns_an_eval_mode_module(cnn_run: Path) -> None:
-    model, state = export.load_trained_model(cnn_run)
-    assert isinstance(model, NormalizedModel) and state["model_name"] == "baseline_cnn"
+    model, state, _ = export.load_trained_model(cnn_run)
+    assert isinstance(model, NormalizedModel) and state.model_name == "baseline_cnn"
     assert not any(module.training for module in model.modules())
 
 

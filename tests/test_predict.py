@@ -22,7 +22,8 @@ import pytest
 from conftest import REPO, run_module
 from helpers import read_test_images
 
-from serving.model import ExportedModel, load_backend, load_model_dir
+from bundle.manifest import ExportedModel, load_model_dir
+from bundle.runtime import load_backend
 from serving.predict import predict_stream
 
 PER_CLASS = 3  # images per class in the small labelled tree

@@ -32,9 +32,10 @@ from helpers import REPO, ServedClassifier, image_bytes, read_test_images
 from PIL import Image, ImageOps
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.model import ExportedModel, ModelError, load_backend, load_model_dir, verify_checksums
+from bundle.manifest import ExportedModel, ModelError, load_model_dir, verify_checksums
+from bundle.preprocess import decode_image
+from bundle.runtime import load_backend
 from serving.predict import predict_stream
-from serving.preprocess import decode_image
 
 TIMEOUT = 30  # seconds per request: a hang fails the test instead of blocking it
 PROBABILITY_TOLERANCE = 1e-5

@@ -181,6 +181,30 @@ def test_fit_resume_after_sigkill_matches_an_uninterrupted_run(
     assert len(got["commands"]) == 3 and all("trainer.fit" in c for c in got["commands"])
 
 
+def test_fit_resume_of_a_gpu_run_on_a_cpu_needs_device_cpu_and_then_finishes(
+    interrupted_run: Path, tmp_path: Path
+) -> None:
+    """A checkpoint saved by a 4-GPU CUDA run (config device "cuda", one CUDA RNG state per GPU), resumed
+    here without CUDA: refused with the command that works, which then finishes the run."""
+    run = _copy_run(interrupted_run, tmp_path)
+    state = load_state(run)
+    state["config"]["device"] = "cuda"
+    state["rng"]["cuda"] = [torch.get_rng_state()] * 4
+    torch.save(state, run / "checkpoint.pt")
+
+    refused = run_module("trainer.fit", "--resume", str(run), check=False, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert refused.returncode == 2 and f"--resume {run} --device cpu" in refused.stderr, refused.stderr[-2000:]
+    changed = run_module("trainer.fit", "--resume", str(run), "--epochs", "9", check=False)
+    assert changed.returncode == 2 and "--epochs cannot change" in changed.stderr, changed.stderr[-2000:]
+
+    run_module("trainer.fit", "--resume", str(run), "--device", "cpu", env={"CUDA_VISIBLE_DEVICES": ""})
+    final = load_state(run)
+    assert final["finished"] and final["step"] == TINY_EPOCHS * TINY_STEPS_PER_EPOCH
+    assert final["config"]["device"] == "cpu" and "--device cpu" in final["commands"][-1]
+    report = json.loads((run / "report.json").read_text())
+    assert report["environment"]["device"] == "cpu"
+
+
 # ------------------------------------------------------------------ non-finite loss
 
 
@@ -265,7 +289,7 @@ def test_fit_compile_warm_up_leaves_training_unchanged(shared_archive: Path, tmp
     run_module("trainer.fit", *tiny_fit_args(shared_archive, eager_run))
     run_module("trainer.fit", *tiny_fit_args(shared_archive, compiled_run, "--compile"), timeout=900)
     report = json.loads((compiled_run / "report.json").read_text())
-    assert report["timing"]["compile_warmup_s"] > 0
+    assert report["timing"]["warmup_s"] > 0
     assert report["steps"] == TINY_EPOCHS * TINY_STEPS_PER_EPOCH
     eager, compiled = load_state(eager_run)["model"], load_state(compiled_run)["model"]
     for key, value in eager.items():

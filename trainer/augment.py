@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bundle.contract import PIXEL_DIVISOR
+
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) in [0, 255] -> float32, per-channel standardised."""
-    return (images.float().div_(255) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    """uint8 (N, 3, H, W) pixels -> float32, per-channel standardised (mean/std in [0, 1] pixel units)."""
+    return (images.float().div_(PIXEL_DIVISOR) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 def random_translate(images: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:

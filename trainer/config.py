@@ -12,14 +12,21 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from bundle.contract import IMAGE_HEIGHT
 from trainer.models import DEFAULT_MODEL, INIT_SCHEMES, MODELS
+from trainer.precision import PRECISIONS
 
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("linear", "cosine")
-AVERAGING = ("none", "lookahead", "ema")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
-FLIPS = ("alternating", "random", "none")
+# The allowed values of every choice option, stated once: the parser and the config's checks read them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model": tuple(MODELS),
+    "init": INIT_SCHEMES,
+    "optimizer": ("sgd", "adam"),
+    "schedule": ("linear", "cosine"),
+    "averaging": ("none", "lookahead", "ema"),
+    "precision": PRECISIONS,
+    "device": ("auto", "cpu", "cuda"),
+    "flip": ("alternating", "random", "none"),
+}
 DEFAULT_DATA = os.environ.get("CIFAR10_DATA", "data")
 
 
@@ -65,22 +72,25 @@ class TrainConfig:
     out: str = "runs/latest"
 
     def __post_init__(self) -> None:
-        for name, allowed in (
-            ("model", tuple(MODELS)), ("init", INIT_SCHEMES), ("optimizer", OPTIMIZERS),
-            ("schedule", SCHEDULES), ("averaging", AVERAGING), ("precision", PRECISIONS),
-            ("device", DEVICES), ("flip", FLIPS),
-        ):  # fmt: skip
+        for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"--{name} {value!r} is not one of: {', '.join(allowed)}")
-        checks = (
-            ("epochs", self.epochs > 0), ("batch-size", self.batch_size > 0), ("lr", self.lr > 0),
-            ("val-size", self.val_size >= 0), ("train-subset", self.train_subset >= 0),
-            ("warmup", 0 <= self.warmup < 1), ("label-smoothing", 0 <= self.label_smoothing < 1),
-            ("ema-decay", 0 <= self.ema_decay < 1), ("translate", 0 <= self.translate <= 8),
-            ("cutout", 0 <= self.cutout <= 32), ("tta", self.tta in (0, 1, 2)), ("threads", self.threads >= 0),
-        )  # fmt: skip
-        for flag, ok in checks:
+        checks = {
+            "epochs": self.epochs > 0,
+            "batch-size": self.batch_size > 0,
+            "lr": self.lr > 0,
+            "val-size": self.val_size >= 0,
+            "train-subset": self.train_subset >= 0,
+            "warmup": 0 <= self.warmup < 1,
+            "label-smoothing": 0 <= self.label_smoothing < 1,
+            "ema-decay": 0 <= self.ema_decay < 1,
+            "translate": 0 <= self.translate <= 8,
+            "cutout": 0 <= self.cutout <= IMAGE_HEIGHT,
+            "tta": self.tta in (0, 1, 2),
+            "threads": self.threads >= 0,
+        }
+        for flag, ok in checks.items():
             if not ok:
                 raise ValueError(f"--{flag} {getattr(self, flag.replace('-', '_'))!r} is out of range (see --help)")
 
@@ -133,9 +143,16 @@ RECIPES: dict[str, dict] = {
 RECIPES["fast_resnet_256"] = dict(RECIPES["fast_resnet"], epochs=10.0)  # the bundled model: 18 epochs
 RECIPES["fast_resnet_512"] = dict(RECIPES["fast_resnet"], epochs=15.0)
 _RESNET_RECIPE = dict(
-    epochs=30.0, batch_size=256, lr=0.2, momentum=0.9, weight_decay=5e-4, warmup=0.05,
-    schedule="cosine", translate=4, label_smoothing=0.1,
-)  # fmt: skip
+    epochs=30.0,
+    batch_size=256,
+    lr=0.2,
+    momentum=0.9,
+    weight_decay=5e-4,
+    warmup=0.05,
+    schedule="cosine",
+    translate=4,
+    label_smoothing=0.1,
+)
 for _name in ("resnet18", "resnet18_deepstem", "resnet34", "resnet34_deepstem", "resnet20", "resnet32", "resnet56"):
     RECIPES[_name] = _RESNET_RECIPE
 
@@ -186,8 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_recipes_epilog(),
     )
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint.pt "
-                        "(its saved config is used; other flags are ignored)")  # fmt: skip
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its checkpoint.pt with its saved config; only --device, "
+        "--precision, --threads and --compile may be given again (e.g. to resume a GPU run on a CPU)",
+    )
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -199,16 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         kind = float if field.type in ("float", float) else int if field.type in ("int", int) else str
-        choices = _choices(field.name)
-        parser.add_argument(flag, type=kind, default=None, choices=choices, help=help_text)
+        parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(field.name), help=help_text)
     return parser
-
-
-def _choices(name: str) -> tuple[str, ...] | None:
-    return {
-        "model": tuple(MODELS), "init": INIT_SCHEMES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-        "averaging": AVERAGING, "precision": PRECISIONS, "device": DEVICES, "flip": FLIPS,
-    }.get(name)  # fmt: skip
 
 
 def _recipes_epilog() -> str:
@@ -236,3 +249,19 @@ def config_from_dict(values: dict) -> TrainConfig:
     if unknown:
         raise ValueError(f"saved config has unknown keys {sorted(unknown)}; was it written by a newer version?")
     return TrainConfig(**values)
+
+
+# Where and how fast a run executes, not what it computes: these may change when a run is resumed elsewhere.
+RESUME_OVERRIDES = ("device", "precision", "threads", "compile")
+
+
+def resume_config(saved: dict, args: argparse.Namespace) -> TrainConfig:
+    """The saved config of a run being resumed, with the system flags of RESUME_OVERRIDES given again applied."""
+    given = {f.name for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    refused = sorted(given - set(RESUME_OVERRIDES))
+    if refused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in refused)
+        allowed = ", ".join("--" + name for name in RESUME_OVERRIDES)
+        raise ValueError(f"--resume continues the run with its saved config; {flags} cannot change (only {allowed})")
+    config = config_from_dict(saved)
+    return dataclasses.replace(config, **{name: getattr(args, name) for name in given})

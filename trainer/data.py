@@ -28,10 +28,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-log = logging.getLogger(__name__)
+from bundle.class_tree import LabelledFile, iter_labelled_files
+from bundle.contract import CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-IMAGE_SIZE = 32
+log = logging.getLogger(__name__)
 OFFICIAL_FOLDER = "cifar-10-batches-py"
 OFFICIAL_ARCHIVE = "cifar-10-python.tar.gz"
 CACHE_FORMAT = 1
@@ -39,7 +39,7 @@ CACHE_FORMAT = 1
 
 @dataclass(frozen=True)
 class Dataset:
-    """Decoded CIFAR-style data: images are uint8 (N, 32, 32, 3) RGB, labels int64 (N,)."""
+    """Decoded CIFAR-style data: images are uint8 (N, H, W, 3) RGB at the contract's size, labels int64 (N,)."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -129,13 +129,13 @@ def _decode(path: Path) -> Dataset:
         return _read_official(official)
     if path.is_dir():
         if _is_class_tree(path):
-            return _read_class_tree(path)
+            return _read_class_folders(path)
         raise ValueError(
             f"unknown data layout in {str(path)!r}: expected train/<class>/* and test/<class>/* "
             f"image folders, or the official {OFFICIAL_FOLDER}/ batches"
         )
     if tarfile.is_tarfile(path):
-        return _read_class_tar(path)
+        return _read_class_folders(path)
     raise ValueError(
         f"unknown data source {str(path)!r}: not a folder or a tar archive; expected the official "
         f"{OFFICIAL_ARCHIVE} or a .tar/.tar.gz of train/<class>/* and test/<class>/* images"
@@ -153,7 +153,7 @@ def _read_official(location: Path) -> Dataset:
         test = read("test_batch")
 
         def to_arrays(batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-            data = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+            data = np.concatenate([b[b"data"] for b in batches]).reshape(-1, CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH)
             labels = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batches])
             return np.ascontiguousarray(data.transpose(0, 2, 3, 1)), labels
 
@@ -202,7 +202,7 @@ def _download_official(path: Path, cache_dir: Path | None) -> Dataset:
     return load_dataset(path, cache_dir, download=False)
 
 
-# ------------------------------------------------------------------ class-folder trees
+# ------------------------------------------------------------------ class-folder trees (bundle.class_tree)
 
 
 def _decode_image(raw: bytes, name: str) -> np.ndarray:
@@ -212,80 +212,56 @@ def _decode_image(raw: bytes, name: str) -> np.ndarray:
             array = np.asarray(image.convert("RGB"))
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ...
         raise ValueError(f"corrupt or unreadable image {name!r}: {err}") from err
-    if array.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+    if array.shape != (IMAGE_HEIGHT, IMAGE_WIDTH, CHANNELS):
         raise ValueError(
             f"image {name!r} is {array.shape[1]}x{array.shape[0]}; CIFAR-style data sets must be "
-            f"{IMAGE_SIZE}x{IMAGE_SIZE} (resize them first)"
+            f"{IMAGE_WIDTH}x{IMAGE_HEIGHT} (resize them first)"
         )
     return array
 
 
-def _split_entries(entries: list[tuple[str, str, object]], origin: str) -> tuple[tuple[str, ...], list, list]:
-    """Group (split, class, handle) entries; check both splits have the same classes."""
-    classes = {split: sorted({c for s, c, _ in entries if s == split}) for split in ("train", "test")}
+def _read_class_folders(source: Path) -> Dataset:
+    """Both splits of a class-folder tree or archive, decoded; both splits must have the same classes."""
+    files = [f for f in iter_labelled_files(source) if f.split is not None]
+    if not files:
+        raise ValueError(
+            f"unknown layout in {'folder' if source.is_dir() else 'archive'} {str(source)!r}: no train/<class>/* "
+            f"or test/<class>/* images and no official {OFFICIAL_FOLDER}/ batches"
+        )
+    classes = {split: sorted({f.label for f in files if f.split == split}) for split in ("train", "test")}
     for split in ("train", "test"):
         if not classes[split]:
-            raise ValueError(f"no images found under {split}/<class>/ in {origin!r}")
+            raise ValueError(f"no images found under {split}/<class>/ in {str(source)!r}")
     if classes["train"] != classes["test"]:
         only_train = sorted(set(classes["train"]) - set(classes["test"]))
         only_test = sorted(set(classes["test"]) - set(classes["train"]))
         raise ValueError(
-            f"class names differ between train and test in {origin!r}: only in train {only_train}, "
+            f"class names differ between train and test in {str(source)!r}: only in train {only_train}, "
             f"only in test {only_test}"
         )
     names = tuple(classes["train"])
     index = {c: i for i, c in enumerate(names)}
-    train = sorted((index[c], h) for s, c, h in entries if s == "train")
-    test = sorted((index[c], h) for s, c, h in entries if s == "test")
-    return names, train, test
+
+    def decode_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+        items = sorted(((index[f.label], f.name, f) for f in files if f.split == split), key=lambda t: t[:2])
+        labels = np.asarray([label for label, _, _ in items], dtype=np.int64)
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            # Pillow releases the GIL while decoding, so threads give real parallelism.
+            decoded = pool.map(lambda item: _decode_file(item[2]), items)
+            images = list(tqdm(decoded, total=len(items), desc=f"decoding {split}", unit="img", leave=False))
+        return np.stack(images), labels
+
+    train_x, train_y = decode_split("train")
+    test_x, test_y = decode_split("test")
+    return Dataset(train_x, train_y, test_x, test_y, names, str(source))
 
 
-def _decode_all(items: list[tuple[int, str]], read: callable, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.asarray([label for label, _ in items], dtype=np.int64)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        # Pillow releases the GIL while decoding, so threads give real parallelism.
-        decoded = pool.map(lambda item: _decode_image(read(item[1]), item[1]), items)
-        images = list(tqdm(decoded, total=len(items), desc=desc, unit="img", leave=False))
-    return np.stack(images), labels
-
-
-def _read_class_tree(root: Path) -> Dataset:
-    entries = [
-        (split, file.parent.name, str(file))
-        for split in ("train", "test")
-        for file in (root / split).glob("*/*")
-        if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file()
-    ]
-    names, train, test = _split_entries(entries, str(root))
-    train_x, train_y = _decode_all(train, lambda f: Path(f).read_bytes(), "decoding train")
-    test_x, test_y = _decode_all(test, lambda f: Path(f).read_bytes(), "decoding test")
-    return Dataset(train_x, train_y, test_x, test_y, names, str(root))
-
-
-def _read_class_tar(archive: Path) -> Dataset:
-    with tarfile.open(archive) as tar:
-        raw: dict[str, bytes] = {}
-        entries = []
-        for member in tar:
-            parts = Path(member.name).parts
-            # Accept an optional top-level folder: [prefix/]split/class/file.
-            if not member.isfile() or len(parts) < 3 or parts[-3] not in ("train", "test"):
-                continue
-            if Path(member.name).suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            name = f"{archive}:{member.name}"  # error messages name the archive and the member
-            raw[name] = tar.extractfile(member).read()
-            entries.append((parts[-3], parts[-2], name))
-    if not entries:
-        raise ValueError(
-            f"unknown layout in archive {str(archive)!r}: no train/<class>/* or test/<class>/* "
-            f"images and no official {OFFICIAL_FOLDER}/ batches"
-        )
-    names, train, test = _split_entries(entries, str(archive))
-    read = lambda name: raw[name]
-    train_x, train_y = _decode_all(train, read, "decoding train")
-    test_x, test_y = _decode_all(test, read, "decoding test")
-    return Dataset(train_x, train_y, test_x, test_y, names, str(archive))
+def _decode_file(file: LabelledFile) -> np.ndarray:
+    try:
+        raw = file.read()
+    except OSError as err:
+        raise ValueError(f"cannot read image {file.name!r}: {err}") from err
+    return _decode_image(raw, file.name)
 
 
 # ------------------------------------------------------------------ cache

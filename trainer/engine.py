@@ -1,14 +1,11 @@
-"""The training loop and its parts: precision, optimizer groups, lr schedule, weight averaging, one epoch."""
+"""The training loop and its parts: optimizer groups, lr schedule, weight averaging, one step, one epoch."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +15,7 @@ from tqdm import tqdm
 
 from trainer.config import TrainConfig
 from trainer.distributed import Runtime, all_reduce_min, all_reduce_sum
+from trainer.precision import autocast
 
 log = logging.getLogger(__name__)
 SYNC_EVERY = 10  # steps between host syncs (progress bar, non-finite check); each sync stalls a GPU
@@ -25,42 +23,6 @@ SYNC_EVERY = 10  # steps between host syncs (progress bar, non-finite check); ea
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the loss becomes NaN or infinite; names the step."""
-
-
-# ------------------------------------------------------------------ precision
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
-    if platform.system() == "Linux" and Path("/proc/cpuinfo").exists():
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return platform.machine() == "arm64" and torch.backends.mps.is_available()  # Apple M2+ has bf16
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """Map --precision auto to what the hardware does well; warn on slow explicit choices."""
-    if device.type == "cuda":
-        if requested == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return requested
-    if requested == "fp16":
-        raise ValueError("--precision fp16 is for CUDA; on CPU use bf16 (if natively supported) or fp32")
-    native = cpu_has_native_bf16()
-    if requested == "auto":
-        if not native:
-            log.info("CPU lacks native bf16 (AVX512-BF16/AMX): training in fp32")
-        return "bf16" if native else "fp32"
-    if requested == "bf16" and not native:
-        log.warning("--precision bf16 on a CPU without native bf16 is emulated and much slower than fp32")
-    return requested
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 # ------------------------------------------------------------------ optimizer and schedule
@@ -227,6 +189,35 @@ class EpochStats:
     images: int
 
 
+class DeviceTimer:
+    """Seconds of work between start() and stop(): CUDA events on a GPU (no host sync until stop; device time,
+    as airbench measures it), the wall clock on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._start: torch.cuda.Event | float = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def stop(self) -> float:
+        if not self.cuda:
+            return time.perf_counter() - self._start
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return self._start.elapsed_time(end) / 1000
+
+
+# GradScaler halves its scale (from 65536) at every overflowing step and skips it; below this scale the
+# fp16 run has overflowed over and over, i.e. diverged rather than met an occasional inf.
+MIN_FP16_LOSS_SCALE = 1.0
+
+
 def train_one_epoch(
     state: TrainState,
     train_model: nn.Module,
@@ -240,27 +231,38 @@ def train_one_epoch(
     precision: str,
     scaler: torch.amp.GradScaler | None,
     checkpoint_hint: str,
+    timer: DeviceTimer,
 ) -> EpochStats:
-    """Run `steps` training steps over `batches`, with progress bar, weight averaging and a
-    non-finite-loss check every SYNC_EVERY steps (NonFiniteLossError names the step)."""
+    """Run `steps` training steps over `batches`, with progress bar, weight averaging and a divergence check
+    every SYNC_EVERY steps (NonFiniteLossError names the step). With fp16's GradScaler an occasional
+    non-finite loss is a step the scaler skips; only a collapsing loss scale counts as divergence."""
     device = runtime.device
-    _synchronize(device)
-    start = time.perf_counter()
+    timer.start()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     first_bad = torch.full((), total_steps + 1, device=device)
     freeze_whiten_bias = state.epoch >= config.whiten_bias_epochs
-    bar = tqdm(total=steps * config.batch_size, unit="img", unit_scale=True, leave=False, dynamic_ncols=True,
-               desc=f"epoch {state.epoch + 1}/{num_epochs}", disable=not runtime.is_main)  # fmt: skip
+    bar = tqdm(
+        total=steps * config.batch_size,
+        unit="img",
+        unit_scale=True,
+        leave=False,
+        dynamic_ncols=True,
+        desc=f"epoch {state.epoch + 1}/{num_epochs}",
+        disable=not runtime.is_main,
+    )
     lr = 0.0
     try:
         for i, (inputs, labels) in enumerate(batches):
             lr = set_lr(state.optimizer, lr_factor(state.step, total_steps, config), freeze_whiten_bias)
-            loss, batch_correct = train_step(train_model, state.optimizer, inputs, labels, device=device, precision=precision,
-                                             label_smoothing=config.label_smoothing, scaler=scaler)  # fmt: skip
-            bad_here = torch.where(torch.isfinite(loss), total_steps + 1, state.step)
-            first_bad = torch.minimum(first_bad, bad_here)
-            loss_sum += loss
+            loss, batch_correct = train_step(
+                train_model, state.optimizer, inputs, labels, device=device, precision=precision,
+                label_smoothing=config.label_smoothing, scaler=scaler,
+            )  # fmt: skip
+            finite = torch.isfinite(loss)
+            if scaler is None:
+                first_bad = torch.minimum(first_bad, torch.where(finite, total_steps + 1, state.step))
+            loss_sum += torch.where(finite, loss, 0.0)
             correct += batch_correct
             state.step += 1
             if state.lookahead and (state.step % Lookahead.every == 0 or state.step == total_steps):
@@ -268,6 +270,8 @@ def train_one_epoch(
             if state.ema:
                 state.ema.update_parameters(state.model)
             if (i + 1) % SYNC_EVERY == 0 or i + 1 == steps:
+                if scaler is not None and scaler.get_scale() < MIN_FP16_LOSS_SCALE:
+                    first_bad = torch.minimum(first_bad, torch.tensor(state.step, device=device))
                 bad_step = int(all_reduce_min(runtime, first_bad).item())
                 if bad_step <= total_steps:
                     raise NonFiniteLossError(
@@ -278,8 +282,7 @@ def train_one_epoch(
                 bar.update(config.batch_size * (i + 1) - bar.n)
     finally:
         bar.close()
-    _synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = timer.stop()
     totals = all_reduce_sum(runtime, torch.stack([loss_sum.float(), correct.float()]))
     state.epoch += 1
     return EpochStats(
@@ -289,8 +292,3 @@ def train_one_epoch(
         seconds=seconds,
         images=steps * config.batch_size,
     )
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -7,12 +7,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.augment import normalize
-from trainer.engine import autocast
+from trainer.precision import autocast
 
 
-def _mirror_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    plain = model(x)
-    return plain, 0.5 * (plain + model(x.flip(-1)))
+def _logits(model: nn.Module, x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """The model's logits in float32, whatever precision it computed them in (TTA averages in fp32)."""
+    with autocast(device, precision):
+        return model(x).float()
+
+
+def _mirror_logits(
+    model: nn.Module, x: torch.Tensor, device: torch.device, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    plain = _logits(model, x, device, precision)
+    return plain, 0.5 * (plain + _logits(model, x.flip(-1), device, precision))
 
 
 @torch.no_grad()
@@ -41,19 +49,18 @@ def predict_logits(
             x = normalize(images[start : start + batch_size], mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                if tta == 0:
-                    plain = tta_logits = model(x)
-                else:
-                    plain, tta_logits = _mirror_logits(model, x)
-                if tta == 2:
-                    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-                    h, w = x.shape[-2:]
-                    shifted = [padded[:, :, :h, :w], padded[:, :, 2 : h + 2, 2 : w + 2]]
-                    shifted_logits = torch.stack([_mirror_logits(model, s)[1] for s in shifted]).mean(0)
-                    tta_logits = 0.5 * tta_logits + 0.5 * shifted_logits
-            plain_out.append(plain.float().cpu())
-            tta_out.append(tta_logits.float().cpu())
+            if tta == 0:
+                plain = tta_logits = _logits(model, x, device, precision)
+            else:
+                plain, tta_logits = _mirror_logits(model, x, device, precision)
+            if tta == 2:
+                padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+                h, w = x.shape[-2:]
+                shifted = [padded[:, :, :h, :w], padded[:, :, 2 : h + 2, 2 : w + 2]]
+                shifted_logits = torch.stack([_mirror_logits(model, s, device, precision)[1] for s in shifted]).mean(0)
+                tta_logits = 0.5 * tta_logits + 0.5 * shifted_logits
+            plain_out.append(plain.cpu())
+            tta_out.append(tta_logits.cpu())
     finally:
         model.train(was_training)
     return torch.cat(plain_out), torch.cat(tta_out)

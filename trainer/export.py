@@ -2,7 +2,7 @@
 
     python -m trainer.export runs/my-run --out exported_models/my-model
 
-Every artifact takes the input contract of `trainer.contract` and is checked
+Every artifact takes the input contract of `bundle.contract` and is checked
 against the eager PyTorch model on real test images at several batch sizes
 before anything is written: fp32 artifacts must match the logits within
 rtol/atol and agree on every top-1 label; the INT8 model must stay within
@@ -13,7 +13,9 @@ partial files (artifacts are built in a temporary folder and renamed at the end)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
 import logging
 import os
 import shlex
@@ -27,14 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.model import sha256_of
-from serving.preprocess import pixels_to_input
-from trainer.checkpoint import (
-    inference_weights,
-    load_checkpoint,
-    resolve_checkpoint_path,
-)
-from trainer.contract import INPUT_NAME, OUTPUT_NAME, MirrorAveraged, NormalizedModel, input_contract
+from bundle.contract import CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH, INPUT_NAME, OUTPUT_NAME, input_contract
+from bundle.environment import library_versions
+from bundle.manifest import artifact_entry, sha256_of, write_manifest
+from bundle.preprocess import pixels_to_input
+from trainer.checkpoint import ModelCheckpoint, load_model_checkpoint
 from trainer.data import load_dataset, split_validation
 from trainer.models import MODELS, build_model, count_parameters
 from trainer.parity import (
@@ -47,10 +46,9 @@ from trainer.parity import (
     torch_runner,
     torchscript_runner,
 )
-from trainer.report import write_json_atomic
+from trainer.wrappers import MirrorAveraged, NormalizedModel
 
 log = logging.getLogger("trainer.export")
-MANIFEST_FORMAT = 1
 OPSET = 18
 FP32_RTOL, FP32_ATOL = 1e-3, 1e-4
 INT8_MAX_ACCURACY_DROP = 0.005
@@ -59,27 +57,35 @@ PARITY_BATCH_SIZES = (1, 7, 64)
 
 @dataclass(frozen=True)
 class ExportOptions:
+    """What to export and how much data the gates use; the CLI's defaults are these."""
+
     int8: bool = True
     pt2: bool = False
-    parity_images: int = 1000
-    calibration_images: int = 512
-    eval_images: int = 0  # 0: the whole test set
+    parity_images: int = 1000  # real test images for the fp32 parity gates
+    calibration_images: int = 512  # training images for INT8 calibration
+    eval_images: int = 0  # test images for the accuracy figures; 0: the whole test set
     name: str | None = None
     tta: str = "none"  # "mirror": average the logits of the image and its mirror inside the graph (2x compute)
 
 
-def load_trained_model(checkpoint: str | Path) -> tuple[NormalizedModel, dict]:
-    """Rebuild the checkpoint's model (inference weights, eval mode) wrapped to take the contract's input."""
-    state = load_checkpoint(checkpoint)
-    path = resolve_checkpoint_path(checkpoint)
-    name = state["model_name"]
+EXAMPLE_SHAPE = (2, CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH)  # batch >= 2: a batch of 1 would specialise the dimension
+
+
+def load_trained_model(checkpoint: str | Path) -> tuple[NormalizedModel, ModelCheckpoint, Path]:
+    """Rebuild a run's model (inference weights, eval mode) wrapped to take the contract's input.
+
+    `checkpoint` is a run folder, its checkpoint.pt or its weights-only model.pt; returns the model, the
+    checkpoint and the file it came from."""
+    state, path = load_model_checkpoint(checkpoint)
+    name = state.model_name
     if name not in MODELS:
         raise ValueError(
-            f"checkpoint {str(path)!r} holds architecture {name!r}, which this version does not know; known: {', '.join(MODELS)}"
+            f"checkpoint {str(path)!r} holds architecture {name!r}, which this version does not know; "
+            f"known: {', '.join(MODELS)}"
         )
-    model = build_model(name, state["num_classes"])
+    model = build_model(name, state.num_classes)
     try:
-        result = model.load_state_dict(inference_weights(state), strict=False)
+        result = model.load_state_dict(state.weights, strict=False)
     except RuntimeError as err:  # shape mismatches raise even with strict=False
         raise ValueError(f"checkpoint {str(path)!r} does not fit architecture {name!r}: {err}") from err
     if result.missing_keys or result.unexpected_keys:
@@ -87,8 +93,8 @@ def load_trained_model(checkpoint: str | Path) -> tuple[NormalizedModel, dict]:
             f"checkpoint {str(path)!r} does not fit architecture {name!r}: missing {result.missing_keys[:5]}, "
             f"unexpected {result.unexpected_keys[:5]} (was it trained with another version of the model?)"
         )
-    normalization = state["normalization"]
-    return NormalizedModel(model, normalization["mean"], normalization["std"]).eval(), state
+    normalization = state.normalization
+    return NormalizedModel(model, normalization["mean"], normalization["std"]).eval(), state, path
 
 
 # ------------------------------------------------------------------ writers
@@ -99,7 +105,7 @@ def export_onnx(model: torch.nn.Module, path: Path, opset: int = OPSET) -> None:
     import onnx
 
     model.eval()
-    example = torch.rand(2, 3, 32, 32)
+    example = torch.rand(*EXAMPLE_SHAPE)
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)
@@ -119,13 +125,13 @@ def export_torchscript(model: torch.nn.Module, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*TorchScript.*deprecated.*", category=FutureWarning)
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..*deprecated.*", category=FutureWarning)
-        traced = torch.jit.trace(model, torch.rand(1, 3, 32, 32))
+        traced = torch.jit.trace(model, torch.rand(1, *EXAMPLE_SHAPE[1:]))
         torch.jit.save(torch.jit.freeze(traced), str(path))
 
 
 def export_pt2(model: torch.nn.Module, path: Path) -> None:
     program = torch.export.export(
-        model.eval(), (torch.rand(2, 3, 32, 32),), dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}}
+        model.eval(), (torch.rand(*EXAMPLE_SHAPE),), dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}}
     )
     torch.export.save(program, str(path))
 
@@ -163,15 +169,6 @@ def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> None:
 # ------------------------------------------------------------------ orchestration
 
 
-def _versions() -> dict:
-    import onnx
-    import onnxruntime
-    import onnxscript
-
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}  # fmt: skip
-
-
 def export_checkpoint(
     checkpoint: str | Path, out: Path, data: str | None, options: ExportOptions, force: bool, command: str
 ) -> dict:
@@ -179,15 +176,13 @@ def export_checkpoint(
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"output folder {str(out)!r} exists; pass --force to replace it")
-    model, state = load_trained_model(checkpoint)
-    data_source = data or state["config"]["data"]
+    model, state, checkpoint_path = load_trained_model(checkpoint)
+    data_source = data or state.config["data"]
     dataset = load_dataset(data_source)
-    if list(dataset.class_names) != state["class_names"]:
-        raise ValueError(
-            f"data {data_source!r} has classes {dataset.class_names}, the checkpoint {state['class_names']}"
-        )
+    if list(dataset.class_names) != state.class_names:
+        raise ValueError(f"data {data_source!r} has classes {dataset.class_names}, the checkpoint {state.class_names}")
     # The test set is stored class by class: subsets are drawn at random so every class is in them.
-    contract = input_contract(state["normalization"]["mean"], state["normalization"]["std"])
+    contract = input_contract(state.normalization["mean"], state.normalization["std"])
     order = np.random.default_rng(0).permutation(len(dataset.test_labels))
     test_x, test_y = pixels_to_input(dataset.test_images[order], contract), dataset.test_labels[order]
     if options.eval_images:
@@ -203,11 +198,12 @@ def export_checkpoint(
     staging.chmod(0o755)  # mkdtemp makes it private; the exported folder is meant to be shared and served
     try:
         manifest = _build_artifacts(
-            model, state, staging, parity_x, test_x, test_y, calibration, options, checkpoint, options.name or out.name
-        )
-        manifest["commands"] = {"train": state.get("commands", []), "export": command}
+            model, state, staging, parity_x, test_x, test_y, calibration, options, checkpoint_path,
+            options.name or out.name,
+        )  # fmt: skip
+        manifest["commands"] = {"train": state.commands, "export": command}
         manifest["data"] = {"source": str(data_source), "test_images": len(test_y)}
-        write_json_atomic(staging / "manifest.json", manifest)
+        write_manifest(staging, manifest)
         _replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -216,8 +212,9 @@ def export_checkpoint(
 
 
 def _build_artifacts(
-    model, state, folder: Path, parity_x, test_x, test_y, calibration, options: ExportOptions, checkpoint, name: str
-) -> dict:
+    model: NormalizedModel, state: ModelCheckpoint, folder: Path, parity_x: np.ndarray, test_x: np.ndarray,
+    test_y: np.ndarray, calibration: np.ndarray, options: ExportOptions, checkpoint_path: Path, name: str,
+) -> dict:  # fmt: skip
     untouched = model
     if options.tta == "mirror":
         model = MirrorAveraged(model).eval()
@@ -265,27 +262,27 @@ def _build_artifacts(
             raise ParityError(f"onnx_int8: accuracy {100 * accuracy['onnx_int8']:.2f}% is {100 * drop:.2f} points below fp32 "
                               f"ONNX ({100 * accuracy['onnx']:.2f}%); the limit is {100 * INT8_MAX_ACCURACY_DROP:.1f}")  # fmt: skip
 
-    files = {kind: {"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_of(p)} for kind, p in artifacts.items()}
-    checkpoint_path = resolve_checkpoint_path(checkpoint)
+    files = {kind: artifact_entry(path) for kind, path in artifacts.items()}
     training_report = checkpoint_path.parent / "report.json"
     return {
-        "format_version": MANIFEST_FORMAT,
         "name": name,
-        "architecture": state["model_name"],
+        "architecture": state.model_name,
         "parameters": count_parameters(untouched.model),
         "tta": options.tta,
-        "class_names": state["class_names"],
-        "input": input_contract(state["normalization"]["mean"], state["normalization"]["std"]),
+        "class_names": state.class_names,
+        "input": input_contract(state.normalization["mean"], state.normalization["std"]),
         "artifacts": files,
         "test_accuracy": accuracy,
         "test_accuracy_note": "top-1 on the test set named in data, re-measured for every artifact at export; "
         "with the manifest's tta inside the graph (torch_eager_without_tta: the plain model)",
         "parity": parity,
         "opset": OPSET,
-        "versions": _versions(),
+        # torch.__version__ keeps the build's tag (e.g. +cu130), which the package metadata drops
+        "versions": {**library_versions(("onnx", "onnxscript", "onnxruntime", "numpy")), "torch": torch.__version__},
         "training": {
-            "config": state["config"],
-            "steps": state["step"],
+            "config": state.config,
+            "steps": state.step,
+            "checkpoint_file": checkpoint_path.name,
             "checkpoint_sha256": sha256_of(checkpoint_path),
             "report": _training_summary(training_report),
         },
@@ -296,13 +293,12 @@ def _build_artifacts(
 def _training_summary(path: Path) -> dict | None:
     if not path.exists():
         return None
-    import json
-
     report = json.loads(path.read_text())
     return {k: report.get(k) for k in ("timing", "train_images_per_s", "environment")} | {
-        "test_accuracy": report["test"]["accuracy"], "test_accuracy_tta": report["test_tta"]["accuracy"],
+        "test_accuracy": report["test"]["accuracy"],
+        "test_accuracy_tta": report["test_tta"]["accuracy"],
         "tta_level": report["test_tta"]["level"],
-    }  # fmt: skip
+    }
 
 
 def _replace_folder(staging: Path, out: Path) -> None:
@@ -316,12 +312,16 @@ def _replace_folder(staging: Path, out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = ExportOptions()
     parser = argparse.ArgumentParser(
         prog="python -m trainer.export",
-        description="Export a trained checkpoint to ONNX (fp32 and INT8) and TorchScript with parity gates, "
-        "plus manifest.json. Nothing is written unless every gate passes.",
+        description="Export a trained model to ONNX (fp32 and INT8) and TorchScript with parity gates, plus "
+        "manifest.json. Nothing is written unless every gate passes. Exit status: 0 written, 2 bad input, "
+        "3 a parity gate failed.",
     )
-    parser.add_argument("checkpoint", help="a run folder (holding checkpoint.pt) or a checkpoint file")
+    parser.add_argument(
+        "checkpoint", help="a run folder (its checkpoint.pt, else model.pt), a checkpoint.pt or a weights-only model.pt"
+    )
     parser.add_argument("--out", required=True, help="output folder, e.g. exported_models/my-model")
     parser.add_argument(
         "--data", help="CIFAR-10 source for calibration, parity and accuracy (default: the one the run trained on)"
@@ -329,18 +329,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="model name in the manifest (default: the output folder's name)")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the INT8 ONNX model")
     parser.add_argument("--pt2", action="store_true", help="also write model.pt2 (torch.export)")
-    parser.add_argument("--tta", choices=("none", "mirror"), default="none",
-                        help="'mirror' averages the logits of each image and its mirror inside every artifact: "
-                        "more accurate, 2x the compute (default: none)")  # fmt: skip
     parser.add_argument(
-        "--parity-images", type=int, default=1000, help="real test images for the parity gates (default: 1000)"
+        "--tta",
+        choices=("none", "mirror"),
+        default=defaults.tta,
+        help="'mirror' averages the logits of each image and its mirror inside every artifact: more accurate, "
+        f"2x the compute (default: {defaults.tta})",
     )
-    parser.add_argument(
-        "--calibration-images", type=int, default=512, help="training images for INT8 calibration (default: 512)"
-    )
-    parser.add_argument(
-        "--eval-images", type=int, default=0, help="test images for the accuracy figures (default: 0 = all)"
-    )
+    for name, what in (
+        ("parity_images", "real test images for the parity gates"),
+        ("calibration_images", "training images for INT8 calibration"),
+        ("eval_images", "test images for the accuracy figures, 0 = all"),
+    ):
+        default = getattr(defaults, name)
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, default=default, help=f"{what} (default: {default})")
     parser.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     return parser
 
@@ -352,8 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parity_images < 1 or args.calibration_images < 1 or args.eval_images < 0:
         log.error("error: --parity-images and --calibration-images must be >= 1, --eval-images >= 0")
         return 2
-    options = ExportOptions(int8=args.int8, pt2=args.pt2, parity_images=args.parity_images,
-                            calibration_images=args.calibration_images, eval_images=args.eval_images, name=args.name, tta=args.tta)  # fmt: skip
+    options = ExportOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExportOptions)})
     command = shlex.join(["python", "-m", "trainer.export", *(sys.argv[1:] if argv is None else argv)])
     try:
         manifest = export_checkpoint(args.checkpoint, Path(args.out), args.data, options, args.force, command)

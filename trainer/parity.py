@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from serving.model import onnx_runner
+from bundle.runtime import Runner, onnx_runner, torchscript_runner
 
 __all__ = [
     "check_parity",
@@ -20,8 +18,6 @@ __all__ = [
     "torch_runner",
     "torchscript_runner",
 ]
-
-Runner = Callable[[np.ndarray], np.ndarray]  # float32 NCHW batch -> float32 logits
 
 
 class ParityError(RuntimeError):
@@ -44,12 +40,6 @@ def torch_runner(module: torch.nn.Module) -> Runner:
 def exported_program_runner(path: Path) -> Runner:
     """A torch.export program (.pt2). It was exported in eval mode, and its module refuses .eval()."""
     return _module_runner(torch.export.load(str(path)).module())
-
-
-def torchscript_runner(path: Path) -> Runner:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\..*deprecated.*", category=FutureWarning)
-        return torch_runner(torch.jit.load(str(path)))
 
 
 def _batched(runner: Runner, images: np.ndarray, batch_size: int) -> np.ndarray:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from bundle.environment import machine_info
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -37,32 +37,19 @@ def append_metrics(path: Path, row: dict) -> None:
 
 
 def environment_info(device: torch.device, threads: int, world_size: int, precision: str) -> dict:
-    import torchvision
-
-    info = {
+    """Where a run trained: device, threads, ranks, precision, machine and library versions."""
+    machine = machine_info(("torch", "torchvision", "numpy"))
+    return {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "cpu_count": os.cpu_count(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine["cpu"],
+        "cpu_count": machine["cores"],
         "torch_threads": threads,
         "world_size": world_size,
         "precision": precision,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
+        "platform": machine["platform"],
+        **machine["versions"],
+        "torch": torch.__version__,  # with the build's tag (e.g. +cu130), which the package metadata drops
     }
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:

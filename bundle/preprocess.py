@@ -1,7 +1,7 @@
-"""Turn uploaded image bytes or raw pixels into the model's input, as its manifest's contract says.
+"""Turn image bytes or raw pixels into a model's input, as its manifest's contract says; softmax and top-k.
 
-The service and the offline predictor both call these functions, so the same
-file gives the same answer through either. Pillow and numpy only.
+The service, the offline predictor and the exporter all call these functions,
+so the same file gives the same answer through each. Pillow and numpy only.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # declared width x height; larger is refused before decoding (decompression bombs)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # the documented formats
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -48,28 +49,42 @@ def decode_image(
     return to_contract_pixels(image, contract)
 
 
+def decode_images(
+    blobs: list[bytes], names: list[str], contract: dict, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Several image files -> uint8 (N, H, W, 3), as `decode_image`; the first bad one raises ImageError."""
+    return np.stack(
+        [
+            decode_image(blob, contract, name=name, max_pixels=max_pixels)
+            for blob, name in zip(blobs, names, strict=True)
+        ]
+    )
+
+
+def declared_pixels(data: bytes) -> int:
+    """Width x height from an image file's header alone (0 for what is not an image); nothing is decoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except Exception:  # Pillow raises many types on garbage; a bad file is refused when it is decoded
+        return 0
+
+
 def to_contract_pixels(image: Image.Image, contract: dict) -> np.ndarray:
-    """Any Pillow image -> uint8 (H, W, 3) RGB of the contract's size (see trainer.contract)."""
-    rule = contract["preprocess"]
+    """Any Pillow image -> uint8 (H, W, 3) RGB of the contract's size, by the rules of `bundle.contract`
+    (a manifest's rules were checked when it was loaded)."""
     _, _, height, width = contract["shape"]
     if image.mode in _SIXTEEN_BIT_MODES:
-        if rule["sixteen_bit"] != "scale_to_8_bit":
-            raise ValueError(f"unsupported contract rule sixteen_bit={rule['sixteen_bit']!r}")
         values = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
         image = Image.fromarray(np.clip(values * (255.0 / peak), 0, 255).round().astype(np.uint8), mode="L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        if rule["alpha"] != "composite_on_white":
-            raise ValueError(f"unsupported contract rule alpha={rule['alpha']!r}")
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     image = image.convert("RGB")  # L, P, CMYK, YCbCr, 1, F ... -> RGB
     if image.size != (width, height):
-        if rule["resize"] != "center_crop_to_aspect_then_resize":
-            raise ValueError(f"unsupported contract rule resize={rule['resize']!r}")
-        resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[rule["resample"]]
-        image = ImageOps.fit(image, (width, height), method=resample)
+        image = ImageOps.fit(image, (width, height), method=Image.Resampling.BICUBIC)
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -80,8 +95,6 @@ def pixels_to_input(pixels: np.ndarray, contract: dict) -> np.ndarray:
         raise ValueError(
             f"pixels must be uint8 of shape (N, {height}, {width}, {channels}); got {pixels.dtype} {pixels.shape}"
         )
-    if contract["layout"] != "NCHW" or contract["dtype"] != "float32":
-        raise ValueError(f"unsupported input contract layout={contract['layout']!r} dtype={contract['dtype']!r}")
     return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(contract["pixel_divisor"])
 
 

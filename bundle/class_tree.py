@@ -1,0 +1,104 @@
+"""The class-folder data layout, read from a folder or a .tar/.tar.gz archive without torch.
+
+Layouts: `train/<class>/<image>` and `test/<class>/<image>` (the shared
+CIFAR-10 copy; an optional top-level folder is allowed), or plain
+`<class>/<image>` with no split folders. Only files with the documented image
+suffixes count. The trainer decodes whole splits from it, the offline
+predictor scores a split (`--evaluate`), and the tests and benchmarks take a
+few test images per class.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from bundle.preprocess import IMAGE_SUFFIXES
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class LabelledFile:
+    """One image of the tree: its split ("train", "test" or None), class folder, name for messages, and content
+    (bytes read from an archive, or a file to read: the caller reads it and reports what cannot be read)."""
+
+    split: str | None
+    label: str
+    name: str
+    content: bytes | Path
+
+    def read(self) -> bytes:
+        return self.content.read_bytes() if isinstance(self.content, Path) else self.content
+
+
+def iter_labelled_files(source: Path, split: str | None = None) -> Iterator[LabelledFile]:
+    """Yield the images of the class-folder tree or archive at `source`, in archive (or sorted folder) order.
+
+    `split` keeps one split; with split folders absent, every image counts as that split. Raises ValueError
+    naming `source` when it is neither a folder nor a readable tar archive.
+    """
+    if source.is_dir():
+        yield from _iter_folder(source, split)
+    else:
+        yield from _iter_archive(source, split)
+
+
+def has_split_folders(source: Path) -> bool:
+    """True when the tree or archive at `source` holds train/ or test/ split folders."""
+    if source.is_dir():
+        return any((source / s).is_dir() for s in SPLITS)
+    return any(f.split is not None for f in _iter_archive(source, None, read=False))
+
+
+def first_per_class(source: Path, split: str, per_class: int) -> list[LabelledFile]:
+    """The first `per_class` images of each class in `split`, ordered by class; stops reading early once
+    the archive has moved past that split (the shared copy stores test/ first)."""
+    found: dict[str, list[LabelledFile]] = {}
+    for file in iter_labelled_files(source, None):
+        if file.split not in (split, None):
+            if found:
+                break
+            continue
+        images = found.setdefault(file.label, [])
+        if len(images) < per_class:
+            images.append(file)
+    return [file for label in sorted(found) for file in found[label]]
+
+
+def _iter_folder(root: Path, split: str | None) -> Iterator[LabelledFile]:
+    splits = [s for s in SPLITS if (root / s).is_dir()]
+    if not splits:
+        for file in sorted(root.glob("*/*")):
+            if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file():
+                yield LabelledFile(split, file.parent.name, str(file), file)
+        return
+    for name in splits:
+        if split not in (None, name):
+            continue
+        for file in sorted((root / name).glob("*/*")):
+            if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file():
+                yield LabelledFile(name, file.parent.name, str(file), file)
+
+
+def _iter_archive(archive: Path, split: str | None, read: bool = True) -> Iterator[LabelledFile]:
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tar:
+                parts = PurePosixPath(member.name).parts
+                if (
+                    not member.isfile()
+                    or len(parts) < 2
+                    or PurePosixPath(parts[-1]).suffix.lower() not in IMAGE_SUFFIXES
+                ):
+                    continue
+                member_split = parts[-3] if len(parts) >= 3 and parts[-3] in SPLITS else None
+                if split is not None and member_split not in (split, None):
+                    continue
+                content = tar.extractfile(member).read() if read else b""
+                yield LabelledFile(member_split or split, parts[-2], f"{archive}:{member.name}", content)
+    except (tarfile.TarError, EOFError, zlib.error) as err:
+        raise ValueError(f"{str(archive)!r} is not a readable tar archive of class folders ({err})") from err
