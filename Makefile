@@ -5,7 +5,7 @@ DATA ?= ../shared/datasets/cifar10-jpeg.tar.gz
 PORT ?= 3000
 BIN := $(VENV)/bin
 
-.PHONY: install serve test lint
+.PHONY: install serve test lint browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# Debian's Chromium and ChromeDriver for the page test (tests/test_page.py); skipped when already installed.
+browser:
+	scripts/install-browser.sh
+
+test: lint browser
 	CIFAR10_JPEG=$(DATA) $(BIN)/python -m pytest

@@ -1,21 +1,24 @@
-"""HTTP load benchmark of the classification service, against in-process ONNX Runtime as the upper bound.
+"""HTTP load benchmark: the classification service side by side with a hand-written FastAPI peer.
 
-Starts `bentoml serve serving.service:Classifier` itself (or targets `--url`), then drives POST /classify with real
-CIFAR-10 test JPEGs from the shared archive in a closed loop: at each concurrency level (default 1, 8, 32, 128)
-that many simulated users send one request after another for `--duration` seconds, after `--warmup` seconds that
-are not counted. It reports requests/s, images/s, p50/p95/p99 latency of the answered (200) requests, errors by
-status code, and the requests per model batch (from /metrics). Before any server runs it measures the model alone
-in this process (bundle.runtime.load_backend, `--ort-threads` threads, several batch sizes) and prints each level's
-images/s as a fraction of the best. `--compare-workers` serves 1 worker x 2 threads and 2 workers x 1 thread in
-one run. Results (with the config and machine) go to benchmarks/results/load_test.json, a plot to load_test.png.
+Starts `bentoml serve serving.service:Classifier` and the peer (benchmarks/peer_fastapi.py: FastAPI + ONNX
+Runtime, one image per forward pass, `uvicorn --workers N`) in turn, with the same model file and the same
+workers x threads, and drives both with the same closed-loop load of real CIFAR-10 test JPEGs from the shared
+archive (multipart, field `images`): at each concurrency level (default 1, 8, 32, 128) that many simulated users
+send one request after another for `--duration` seconds, after `--warmup` seconds that are not counted. It
+reports requests/s, images/s, p50/p95/p99 latency of the answered (200) requests, errors by status code, the
+requests per model batch (service, from /metrics), and the service/peer ratios per level. Before any server
+runs it measures the model alone in this process (`--ort-threads` threads, several batch sizes): the bound.
+`--raw-body` also measures the service's single-image raw-body form of POST /classify; `--compare-workers`
+serves 1 worker x 2 threads and 2 workers x 1 thread. Results (config and machine included) go to
+benchmarks/results/load_test.json, a plot to load_test.png.
 
 Load generation: locust as a library (headless, FastHttpUser on gevent): a well-kept generator that costs little
 CPU per request, which matters when the client shares 2 cores with the server; latencies are recorded exactly
 from its request events. Needs the bench extra: `pip install -e ".[bench]"`.
 
-    python -m benchmarks.load_test                      # ~20 s per level, server started here
-    python -m benchmarks.load_test --compare-workers    # 1x2 vs 2x1 workers x threads (~3 min)
-    python -m benchmarks.load_test --url http://127.0.0.1:3000 --duration 5
+    python -m benchmarks.load_test                      # service and peer, ~20 s per level
+    python -m benchmarks.load_test --raw-body --backend onnx_int8
+    python -m benchmarks.load_test --url http://127.0.0.1:3000 --no-peer --duration 5
 """
 
 # ruff: noqa: E402 -- gevent must patch the standard library before anything imports socket, ssl or threading
@@ -45,10 +48,10 @@ from locust.env import Environment
 from prometheus_client.parser import text_string_to_metric_families
 from urllib3 import encode_multipart_formdata
 
-from benchmarks.served import ServedClassifier, serve_arguments
+from benchmarks.served import ServedClassifier, ServedPeer, serve_arguments
 from bundle.class_tree import first_per_class
 from bundle.environment import machine_info
-from bundle.manifest import default_model_dir, load_model_dir, sha256_of
+from bundle.manifest import default_model_dir, load_model_dir
 from bundle.preprocess import decode_image, pixels_to_input
 from bundle.runtime import load_backend
 from serving.settings import ServiceSettings
@@ -63,6 +66,15 @@ log = logging.getLogger("load_test")
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="target a running service instead of starting one (default: start one)")
+    parser.add_argument(
+        "--peer", action=argparse.BooleanOptionalAction, default=True, help="also run the FastAPI peer (default: yes)"
+    )
+    parser.add_argument(
+        "--raw-body", action="store_true", help="also send the service each image as a raw image/jpeg body"
+    )
+    parser.add_argument(
+        "--backend", default="onnx", choices=("onnx", "onnx_int8"), help="model artifact for both (default: onnx)"
+    )
     parser.add_argument("--model", help="exported model folder (default: $CLASSIFIER_MODEL or exported_models/default)")
     parser.add_argument("--data", default=str(ARCHIVE), help=f"CIFAR-10 JPEG archive (default: {ARCHIVE})")
     parser.add_argument(
@@ -119,9 +131,11 @@ def read_images(archive: Path, count: int) -> list[tuple[str, bytes]]:
     return [item for images in zip(*by_class.values(), strict=False) for item in images][:count]
 
 
-def measure_ort(model, images: list[tuple[str, bytes]], threads: int, batch_sizes: list[int], seconds: float) -> dict:
+def measure_ort(
+    model, images: list[tuple[str, bytes]], threads: int, batch_sizes: list[int], seconds: float, backend: str
+) -> dict:
     """Images/s of the model alone (decoded, preprocessed inputs) at each batch size; the best is the bound."""
-    run = load_backend(model, "onnx", threads=threads)
+    run = load_backend(model, backend, threads=threads)
     inputs = pixels_to_input(np.stack([decode_image(data, model.contract) for _, data in images]), model.contract)
     by_batch = {}
     for size in batch_sizes:
@@ -162,10 +176,11 @@ def batch_histogram(url: str) -> tuple[float, float]:
 
 
 class ClassifyUser(FastHttpUser):
-    """One closed-loop client: POST /classify, then again at once."""
+    """One closed-loop client: POST `path`, then again at once."""
 
     wait_time = constant(0)
-    bodies: ClassVar[list[tuple[bytes, str]]] = []  # prebuilt multipart bodies: the client does little work
+    bodies: ClassVar[list[tuple[bytes, str]]] = []  # prebuilt bodies and content types: the client does little work
+    path: ClassVar[str] = "/classify"
     network_timeout = connection_timeout = 60.0
 
     def on_start(self) -> None:
@@ -175,10 +190,10 @@ class ClassifyUser(FastHttpUser):
     def classify(self) -> None:
         body, content_type = self.bodies[self.turn]
         self.turn = (self.turn + 1) % len(self.bodies)
-        self.client.post("/classify", data=body, headers={"content-type": content_type}, name="/classify")
+        self.client.post(self.path, data=body, headers={"content-type": content_type}, name="/classify")
 
 
-def run_level(url: str, concurrency: int, warmup: float, duration: float) -> dict:
+def run_level(url: str, concurrency: int, warmup: float, duration: float, with_batches: bool) -> dict:
     """Start `concurrency` users, wait `warmup` s, then return what completed in the next `duration` s."""
     records: list[tuple[float, float, str]] = []  # (end time, latency ms, outcome)
 
@@ -191,7 +206,7 @@ def run_level(url: str, concurrency: int, warmup: float, duration: float) -> dic
     env.events.request.add_listener(on_request)
     runner = env.create_local_runner()
     load_average = os.getloadavg()[0]  # the machine may be shared: record how busy it was
-    before = batch_histogram(url)
+    before = batch_histogram(url) if with_batches else (0.0, 0.0)
     runner.start(user_count=concurrency, spawn_rate=min(concurrency, 100))
     while runner.user_count < concurrency:
         time.sleep(0.05)
@@ -200,7 +215,7 @@ def run_level(url: str, concurrency: int, warmup: float, duration: float) -> dic
     time.sleep(duration)
     window_end = time.time()
     runner.quit()
-    after = batch_histogram(url)
+    after = batch_histogram(url) if with_batches else (0.0, 0.0)
     measured = [(latency, outcome) for end, latency, outcome in records if window_start <= end < window_end]
     latencies = np.array([latency for latency, outcome in measured if outcome == "200"])
     errors = Counter(outcome for _, outcome in measured if outcome != "200")
@@ -236,7 +251,7 @@ def print_level(level: dict, images_per_request: int, bound: float) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Images/s and latency percentiles against concurrency, one line per server config, with the bound."""
+    """Images/s and latency percentiles against concurrency, one line per server, with the in-process bound."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     n = result["config"]["images_per_request"]
     for run in result["runs"]:
@@ -244,11 +259,11 @@ def plot(result: dict, path: Path) -> None:
         (line,) = left.plot(
             levels, [level["ok_requests_per_s"] * n for level in run["levels"]], "o-", label=run["label"]
         )
-        for key, style in (("p50_ms", "o-"), ("p95_ms", "s--"), ("p99_ms", "^:")):
+        for key, style in (("p50_ms", "o-"), ("p99_ms", "^:")):
             values = [level[key] for level in run["levels"]]
             right.plot(levels, values, style, color=line.get_color(), label=f"{run['label']} {key[:3]}")
     bound = result["onnxruntime"]["best_images_per_s"]
-    left.axhline(bound, color="gray", linestyle="--", label=f"ONNX Runtime in-process ({bound:.0f}/s)")
+    left.axhline(bound, color="gray", linestyle="--", label=f"model alone, in process ({bound:.0f}/s)")
     left.set(xscale="log", xlabel="concurrent clients", ylabel="images/s answered (200)", title="Throughput")
     right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency (ms)", title="Latency of 200s")
     for axis in (left, right):
@@ -256,68 +271,100 @@ def plot(result: dict, path: Path) -> None:
         axis.grid(alpha=0.3)
     env = result["environment"]
     fig.suptitle(
-        f"{env['cpu']} ({env['cores']} cores), {n} image(s)/request, {result['config']['duration']:g} s/level",
+        f"{env['cpu']} ({env['cores']} cores), {n} image(s)/request, {result['config']['duration']:g} s/level, "
+        f"backend {result['config']['backend']}",
         fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def request_bodies(images: list[tuple[str, bytes]], per_request: int) -> list[tuple[bytes, str]]:
+def multipart_bodies(images: list[tuple[str, bytes]], per_request: int) -> list[tuple[bytes, str]]:
     """Multipart bodies (and their content types) of `per_request` images each, built once."""
     groups = [images[i : i + per_request] for i in range(0, len(images) - per_request + 1, per_request)]
     return [encode_multipart_formdata([("images", (Path(n).name, d, "image/jpeg")) for n, d in g]) for g in groups]
 
 
-def server_configs(args: argparse.Namespace, model_dir: Path) -> list[tuple[str, dict | None]]:
-    """(label, `--arg` overrides) per server to start; overrides None: the service at --url."""
+def targets(args: argparse.Namespace, model_dir: Path) -> list[dict]:
+    """The servers to measure, in order: label, kind (service | peer | external), settings, request form."""
     if args.url:
-        return [("external", None)]
-    batching = {"max_batch_size": args.max_batch_size, "max_latency_ms": args.max_latency_ms}
-    base = {"model": str(model_dir.resolve()), **{k: v for k, v in batching.items() if v}}
+        return [{"label": "external", "kind": "external", "settings": None, "raw": False}]
+    base = {"model": str(model_dir.resolve()), "backend": args.backend}
+    base |= {k: v for k, v in (("max_batch_size", args.max_batch_size), ("max_latency_ms", args.max_latency_ms)) if v}
     if args.compare_workers:
-        return [
-            ("1 worker x 2 threads", {**base, "workers": 1, "threads": 2}),
-            ("2 workers x 1 thread", {**base, "workers": 2, "threads": 1}),
-        ]
-    return [("server", {**base, **{k: v for k, v in (("workers", args.workers), ("threads", args.threads)) if v}})]
+        shapes = [(1, 2), (2, 1)]
+    else:
+        defaults = ServiceSettings(**base)  # what the server resolves (usable cores, CLASSIFIER_* included)
+        shapes = [(args.workers or defaults.workers, args.threads or defaults.threads)]
+    found = []
+    for workers, threads in shapes:
+        shape = f"{workers} worker{'s' * (workers > 1)} x {threads} thread{'s' * (threads > 1)}"
+        settings = {**base, "workers": workers, "threads": threads}
+        found.append({"label": f"service, {shape}", "kind": "service", "settings": settings, "raw": False})
+        if args.raw_body:
+            found.append({"label": f"service raw body, {shape}", "kind": "service", "settings": settings, "raw": True})
+        if args.peer:
+            found.append({"label": f"FastAPI peer, {shape}", "kind": "peer", "settings": settings, "raw": False})
+    return found
 
 
-def benchmark_server(args: argparse.Namespace, label: str, overrides: dict | None, model, bound: float) -> dict:
-    """Start the server (unless --url), run every concurrency level against it, stop it."""
-    server, settings, url = None, None, (args.url or "").rstrip("/")
-    if overrides is not None:
-        settings = ServiceSettings(**overrides).model_dump()  # what the server reads (CLASSIFIER_* included)
-        home = Path(tempfile.mkdtemp(prefix="bentoml-home-"))
-        server = ServedClassifier(*serve_arguments(overrides), home=home, log_path=home / "server.log").start()
-        url = server.url
+def benchmark(args: argparse.Namespace, target: dict, images: list, model, bound: float) -> dict:
+    """Start the target server (unless external), run every concurrency level against it, stop it."""
+    settings, kind = target["settings"], target["kind"]
+    home = Path(tempfile.mkdtemp(prefix="load-test-"))
+    server = None
+    if kind == "service":
+        server = ServedClassifier(*serve_arguments(settings), home=home, log_path=home / "server.log")
+    elif kind == "peer":
+        server = ServedPeer(
+            Path(settings["model"]),
+            workers=settings["workers"],
+            threads=settings["threads"],
+            log_path=home / "server.log",
+            backend=settings["backend"],
+        )
+    url = server.url if server else args.url.rstrip("/")
+    if target["raw"]:
+        ClassifyUser.bodies, ClassifyUser.path = [(data, "image/jpeg") for _, data in images], "/classify?k=3"
+    else:
+        ClassifyUser.bodies, ClassifyUser.path = multipart_bodies(images, args.images_per_request), "/classify"
     try:
         if server:
-            server.wait_ready(timeout=300)
-        served = json.loads(urllib.request.urlopen(f"{url}/model", timeout=10).read())
-        if served["artifacts"]["onnx"]["sha256"] != sha256_of(model.artifact_path("onnx")):
-            log.warning("the served model differs from %s: the bound is for another model", model.folder)
-        print(f"\n{label}: " + (str({k: settings[k] for k in SHOWN_SETTINGS}) if settings else "settings unknown"))
+            server.start().wait_ready(timeout=300)
+        print(f"\n{target['label']}: " + (str(settings) if settings else "settings unknown"))
         print(
             f"  {'conc':>5} {'req/s':>9} {'img/s':>9} {'bound':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} req/batch  errors"
         )
         levels = []
         for concurrency in args.levels:
-            levels.append(run_level(url, concurrency, args.warmup, args.duration))
+            levels.append(run_level(url, concurrency, args.warmup, args.duration, with_batches=kind != "peer"))
             print_level(levels[-1], args.images_per_request, bound)
     finally:
         if server:
             server.stop()
-            shutil.rmtree(home, ignore_errors=True)  # a failed start raised with the log's tail already
+        shutil.rmtree(home, ignore_errors=True)  # a failed start raised with the log's tail already
     best = max(level["ok_requests_per_s"] for level in levels) * args.images_per_request
-    return {
-        "label": label,
-        "settings": settings,
-        "url": None if server else url,
-        "levels": levels,
-        "best_images_per_s": best,
-        "fraction_of_bound": best / bound,
-    }
+    return {**target, "levels": levels, "best_images_per_s": best, "fraction_of_bound": best / bound}
+
+
+def compare(runs: list[dict]) -> list[dict]:
+    """Per workers x threads and level: each service run's req/s and p99 against the peer's."""
+    rows = []
+    for peer in (run for run in runs if run["kind"] == "peer"):
+        for service in (r for r in runs if r["kind"] == "service" and r["settings"] == peer["settings"]):
+            for ours, theirs in zip(service["levels"], peer["levels"], strict=True):
+                ratio = ours["ok_requests_per_s"] / theirs["ok_requests_per_s"] if theirs["ok_requests_per_s"] else None
+                rows.append(
+                    {
+                        "service": service["label"],
+                        "peer": peer["label"],
+                        "concurrency": ours["concurrency"],
+                        "requests_per_s_ratio": ratio,
+                        "p99_ms": (ours["p99_ms"], theirs["p99_ms"]),
+                        "errors": (ours["errors"], theirs["errors"]),
+                    }
+                )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,7 +373,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("locust").setLevel(logging.WARNING)  # not "Ramping to ..." at every level
     model = load_model_dir(args.model or default_model_dir())
     images = read_images(Path(args.data), 200)
-    ClassifyUser.bodies = request_bodies(images, args.images_per_request)
     ClassifyUser.network_timeout = args.timeout
     env = machine_info(LIBRARIES)
     print(
@@ -335,22 +381,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     print(
-        f"model: {model.name} ({model.manifest.get('architecture')}), {len(images)} test images, "
-        f"{args.images_per_request} per request, {args.duration:g} s per level after {args.warmup:g} s warm-up"
+        f"model: {model.name} ({model.manifest.get('architecture')}, backend {args.backend}), {len(images)} test "
+        f"images, {args.images_per_request} per request, {args.duration:g} s per level after {args.warmup:g} s warm-up"
     )
 
-    bound = measure_ort(model, images, args.ort_threads, args.ort_batch_sizes, args.ort_seconds)
+    bound = measure_ort(model, images, args.ort_threads, args.ort_batch_sizes, args.ort_seconds, args.backend)
     best_bound = bound["best_images_per_s"]
     print(
-        f"upper bound, ONNX Runtime in process ({bound['threads']} threads): {best_bound:.0f} images/s "
+        f"upper bound, the model in process ({bound['threads']} threads): {best_bound:.0f} images/s "
         f"at batch {bound['best_batch']}"
     )
-    runs = [benchmark_server(args, label, o, model, best_bound) for label, o in server_configs(args, model.folder)]
+    runs = [benchmark(args, target, images, model, best_bound) for target in targets(args, model.folder)]
+    comparison = compare(runs)
     print()
     for run in runs:
         print(
             f"{run['label']}: best {run['best_images_per_s']:.0f} images/s over HTTP = "
             f"{100 * run['fraction_of_bound']:.0f}% of the in-process bound ({best_bound:.0f}/s)"
+        )
+    for row in comparison:
+        ratio = row["requests_per_s_ratio"]
+        print(
+            f"{row['service']} / {row['peer']} at concurrency {row['concurrency']}: "
+            f"{f'{ratio:.2f}x' if ratio else '-'} requests/s, p99 {row['p99_ms'][0]:.0f} vs {row['p99_ms'][1]:.0f} ms"
         )
 
     result = {
@@ -358,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": env,
         "onnxruntime": bound,
         "runs": runs,
+        "comparison": comparison,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     out, plot_path = Path(args.out), Path(args.plot)

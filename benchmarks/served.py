@@ -1,9 +1,11 @@
-"""`bentoml serve` as a managed subprocess, for the tests and the load benchmark.
+"""HTTP servers as managed subprocesses, for the tests and the load benchmark.
 
 `ServedClassifier` starts `bentoml serve serving.service:Classifier` on a free
 loopback port in a new session: BentoML's arbiter (circus) then starts the
 service's workers as processes of their own, each in its own session too, so
 stopping ends the arbiter's group and then any worker still alive.
+`ServedPeer` starts the hand-written FastAPI peer (benchmarks/peer_fastapi.py)
+under `uvicorn --workers N` the same way.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE = "serving.service:Classifier"
+Served = TypeVar("Served", bound="ServedProcess")
 
 
 def free_port() -> int:
@@ -37,20 +41,21 @@ def serve_arguments(settings: dict[str, object]) -> list[str]:
     return [item for name, value in settings.items() for item in ("--arg", f"{name}={value}")]
 
 
-class ServedClassifier:
-    """`bentoml serve` as a subprocess; a context manager that always ends it and its workers on exit."""
+class ServedProcess:
+    """A server subprocess in its own session, ready when GET `ready_path` answers 200; a context manager
+    that always ends it and every process it started on exit."""
 
-    def __init__(self, *args: str, home: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.home = home
+    ready_path = "/readyz"
+
+    def __init__(self, command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
-        serve = ["-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "-p", str(self.port)]
-        self.command = [sys.executable, *serve, *args]
-        self.env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "1", **(env or {})}
+        self.command = command
+        self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> ServedClassifier:
+    def start(self: Served) -> Served:
         """Start the process group (not waiting for readiness)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
@@ -64,9 +69,9 @@ class ServedClassifier:
         return self.log_path.read_text(errors="replace")[-tail:] if self.log_path.exists() else ""
 
     def readyz(self) -> int | None:
-        """Status code of GET /readyz, or None when nothing answers yet."""
+        """Status code of GET `ready_path`, or None when nothing answers yet."""
         try:
-            with urllib.request.urlopen(f"{self.url}/readyz", timeout=5) as response:
+            with urllib.request.urlopen(f"{self.url}{self.ready_path}", timeout=5) as response:
                 return response.status
         except urllib.error.HTTPError as err:
             return err.code
@@ -74,27 +79,27 @@ class ServedClassifier:
             return None
 
     def wait_ready(self, timeout: float = 180) -> None:
-        """Poll /readyz until 200; raise (with the log) if the process exits or the time runs out."""
+        """Poll `ready_path` until 200; raise (with the log) if the process exits or the time runs out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {self.process.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{self.command[2:4]} exited with {self.process.returncode}:\n{self.log()}")
             if self.readyz() == 200:
                 return
             time.sleep(0.2)
-        raise RuntimeError(f"bentoml serve not ready after {timeout:.0f} s:\n{self.log()}")
+        raise RuntimeError(f"{self.command[2:4]} not ready after {timeout:.0f} s:\n{self.log()}")
 
     def stop(self) -> None:
-        """End the arbiter's process group and every process it started, gracefully first (SIGTERM, 15 s)."""
+        """End the process group and every process it started, gracefully first (SIGTERM, 15 s)."""
         if self.process is None:
             return
-        # circus starts each worker with setsid, so the workers are not in the arbiter's group: list them first.
+        # circus (bentoml serve) starts each worker with setsid, so they are not in the group: list them first.
         try:
             children = psutil.Process(self.process.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             children = []
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)  # the arbiter stops its workers on SIGTERM
+            os.killpg(self.process.pid, signal.SIGTERM)  # the arbiter (or uvicorn) stops its workers on SIGTERM
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=15)
         _, alive = psutil.wait_procs(children, timeout=5)
@@ -105,8 +110,33 @@ class ServedClassifier:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=5)
 
-    def __enter__(self) -> ServedClassifier:
+    def __enter__(self: Served) -> Served:
         return self.start()
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+class ServedClassifier(ServedProcess):
+    """`bentoml serve serving.service:Classifier` (extra `args` such as `--arg name=value`), BENTOML_HOME=home."""
+
+    def __init__(self, *args: str, home: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        port = free_port()
+        serve = ["-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "-p", str(port), *args]
+        env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "1", **(env or {})}
+        super().__init__([sys.executable, *serve], port, log_path, env)
+        self.home = home
+
+
+class ServedPeer(ServedProcess):
+    """The hand-written FastAPI peer under `uvicorn --workers N`, serving `model` with `threads` ONNX Runtime
+    threads per worker."""
+
+    ready_path = "/healthz"
+
+    def __init__(self, model: Path, *, workers: int, threads: int, log_path: Path, backend: str = "onnx") -> None:
+        port = free_port()
+        uvicorn = ["-m", "uvicorn", "benchmarks.peer_fastapi:app", "--host", "127.0.0.1", "--port", str(port)]
+        command = [sys.executable, *uvicorn, "--workers", str(workers), "--no-access-log"]
+        env = {"CLASSIFIER_MODEL": str(model), "PEER_THREADS": str(threads), "PEER_BACKEND": backend}
+        super().__init__(command, port, log_path, env)

@@ -1,20 +1,21 @@
-"""Training targets: accuracy and wall time of `python -m trainer.fit` runs, mean over seeds.
+"""Training targets on this machine: accuracy against wall time of real `python -m trainer.fit` runs.
 
-    python -m benchmarks.train_targets [--seeds 0 1 2] [--device cpu|cuda]
+    python -m benchmarks.train_targets [--seeds 0 1 2] [--budgets 300 1800] [--device cpu|cuda]
 
-Rows (each a real `trainer.fit` subprocess, timed from launch to exit, so
-interpreter start, data loading, training and the final evaluation all count):
+Each run is a `trainer.fit` subprocess timed from launch to exit (interpreter start, data loading, warm-up,
+training, the final evaluation and the report all count), on all 50,000 training images (`--val-size 0`:
+every choice of recipe was made earlier on a 5,000-image validation split; the test set is only reported).
 
-- the default model with its recipe on all 50,000 training images
-  (hyper-parameters were chosen on a 5,000-image validation split; the test
-  set is only reported), one run per seed;
-- time-to-90%: the same recipe at shorter budgets (--budget-epochs), one seed,
-  the shortest whose test accuracy (with TTA) reaches 90%;
-- comparison rows at a short schedule: the seed notebook's baseline CNN and
-  ResNet-18 (--comparison-epochs).
+- the default recipe, one run per seed, and the previous default recipe (`--old-recipe`) for comparison;
+- time-to-accuracy: every run keeps its weights at each epoch's end (`--keep-epoch-weights`); after the run,
+  outside its timing, each is scored on the test set (with the run's TTA). The curve is accuracy against the
+  process wall time at that epoch's end; the time to 85% / 88% is where the mean curve first reaches it. The
+  test set is never used to stop, select or tune anything;
+- budgets: the default recipe with its epochs scaled to fill each budget (`--budgets`, seconds), one seed:
+  the best accuracy reached within 5 and 30 minutes.
 
-Saves benchmarks/results/train_targets.json (config beside the results) and
-prints a Markdown table for the README.
+Saves benchmarks/results/train_targets.json (config and machine beside the results), the plot
+benchmarks/results/cpu_time_to_accuracy.png (or gpu_...), and prints Markdown tables for the README.
 """
 
 from __future__ import annotations
@@ -28,19 +29,58 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from bundle.environment import machine_info
+from trainer.checkpoint import load_model_checkpoint
+from trainer.config import RECIPES
+from trainer.data import load_dataset
+from trainer.evaluate import predict_logits
+from trainer.models import DEFAULT_MODEL, build_model
+
 RESULTS = Path(__file__).parent / "results"
+# The default recipe before this benchmark's round of work (README history): fast_resnet, 5 epochs.
+OLD_RECIPE = ["--model", "fast_resnet", "--epochs", "5"]
+TARGETS = (0.85, 0.88, 0.90)
 
 
-def run_fit(out: Path, data: str, device: str, extra: list[str]) -> dict:
-    """Run trainer.fit to completion in a subprocess; return its report plus the process wall time."""
-    command = [sys.executable, "-m", "trainer.fit", "--data", data, "--device", device, "--out", str(out), *extra]
-    print("$", " ".join(command[1:]), flush=True)
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="../shared/datasets/cifar10-jpeg.tar.gz", help="CIFAR-10 source (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default: cpu)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per recipe (default: 0 1 2)")
+    parser.add_argument("--extra", default="", help="extra trainer.fit flags for every run (e.g. '--compile')")
+    parser.add_argument(
+        "--old-recipe", action=argparse.BooleanOptionalAction, default=True,
+        help=f"also run the previous default recipe ({' '.join(OLD_RECIPE)}) (default: yes)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--budgets", type=float, nargs="*", default=[300, 1800],
+        help="wall-time budgets in seconds for single runs of the default recipe, epochs scaled to fit (default: 300 1800)",
+    )  # fmt: skip
+    parser.add_argument("--runs-dir", default="runs/benchmark", help="where the run folders go (default: %(default)s)")
+    parser.add_argument("--out", default=str(RESULTS / "train_targets.json"), help="results JSON (default: %(default)s)")
+    parser.add_argument("--plot", help="time-to-accuracy plot (default: benchmarks/results/<device>_time_to_accuracy.png)")
+    return parser
+
+
+# ------------------------------------------------------------------ one run
+
+
+def run_fit(out: Path, args: argparse.Namespace, flags: list[str], test: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """One trainer.fit process to completion, then its per-epoch test accuracy (after the fact)."""
+    command = [sys.executable, "-m", "trainer.fit", "--data", args.data, "--device", args.device, "--out", str(out),
+               "--val-size", "0", "--keep-epoch-weights", *args.extra.split(), *flags]  # fmt: skip
+    print("$", " ".join(["python", *command[1:]]), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.log", "w") as log:  # the run's own log and progress bars
         start = time.perf_counter()
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - start
     report = json.loads((out / "report.json").read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = epoch_curve(out, metrics, report, test, args.device)
     row = {
         "command": " ".join(["python", *command[1:]]),
         "model": report["model"],
@@ -52,109 +92,176 @@ def run_fit(out: Path, data: str, device: str, extra: list[str]) -> dict:
         "process_wall_s": wall,
         "timing": report["timing"],
         "train_images_per_s": report["train_images_per_s"],
+        "precision": report["environment"]["precision"],
         "environment": report["environment"],
+        "curve": curve,
     }
-    print(f"  -> test {100 * row['test_accuracy']:.2f}% (TTA {100 * row['test_accuracy_tta']:.2f}%), "
-          f"{wall:.0f} s wall, {row['train_images_per_s']:.0f} train img/s", flush=True)  # fmt: skip
+    print(f"  -> test {100 * row['test_accuracy']:.2f}% (TTA {100 * row['test_accuracy_tta']:.2f}%), {wall:.0f} s wall, "
+          f"{row['timing']['train_s']:.0f} s training, {row['train_images_per_s']:.0f} train img/s", flush=True)  # fmt: skip
     return row
+
+
+def epoch_curve(out: Path, metrics: list[dict], report: dict, test, device: str) -> list[dict]:
+    """Test accuracy (plain and with the run's TTA) of the weights kept at each epoch's end, against the wall
+    time at that epoch's end; the last point is the finished run (its report, at its process wall time)."""
+    images, labels = test
+    tta = report["test_tta"]["level"]
+    points = []
+    for row in metrics:
+        weights_file = out / "epochs" / f"epoch-{row['epoch']:03d}.pt"
+        state, _ = load_model_checkpoint(weights_file)
+        model = build_model(state.model_name, state.num_classes)
+        model.load_state_dict(state.weights)
+        mean, std = (torch.tensor(state.normalization[k]) for k in ("mean", "std"))
+        plain, with_tta = predict_logits(model.to(device), images.to(device), mean.to(device), std.to(device), tta=tta)
+        points.append({
+            "epoch": row["epoch"], "wall_s": row["wall_time_s"],
+            "test_accuracy": float((plain.argmax(1) == labels).float().mean()),
+            "test_accuracy_tta": float((with_tta.argmax(1) == labels).float().mean()),
+        })  # fmt: skip
+    return points
+
+
+# ------------------------------------------------------------------ summaries
+
+
+def mean_curve(rows: list[dict]) -> list[dict]:
+    """Epoch by epoch, the mean over seeds of wall time and accuracy."""
+    epochs = min(len(r["curve"]) for r in rows)
+    return [
+        {
+            "epoch": rows[0]["curve"][i]["epoch"],
+            "wall_s": statistics.mean(r["curve"][i]["wall_s"] for r in rows),
+            "test_accuracy": statistics.mean(r["curve"][i]["test_accuracy"] for r in rows),
+            "test_accuracy_tta": statistics.mean(r["curve"][i]["test_accuracy_tta"] for r in rows),
+        }
+        for i in range(epochs)
+    ]
+
+
+def time_to(curve: list[dict], target: float, key: str = "test_accuracy_tta") -> float | None:
+    return next((point["wall_s"] for point in curve if point[key] >= target), None)
 
 
 def summarize(rows: list[dict]) -> dict:
     def stats(key: str) -> dict:
         values = [r[key] for r in rows]
-        return {
-            "mean": statistics.mean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values,
-        }
+        return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "values": values}  # fmt: skip
 
-    return {k: stats(k) for k in ("test_accuracy", "test_accuracy_tta", "process_wall_s", "train_images_per_s")}
+    curve = mean_curve(rows)
+    summary = {k: stats(k) for k in ("test_accuracy", "test_accuracy_tta", "process_wall_s", "train_images_per_s")}
+    summary["train_s"] = stats_of([r["timing"]["train_s"] for r in rows])
+    summary["mean_curve"] = curve
+    summary["time_to_tta_s"] = {f"{t:.2f}": time_to(curve, t) for t in TARGETS}
+    return summary
+
+
+def stats_of(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}  # fmt: skip
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    for name, style in (("default", "o-"), ("old_recipe", "s--")):
+        if name not in payload:
+            continue
+        block = payload[name]
+        curve = block["summary"]["mean_curve"]
+        n = len(block["runs"])
+        label = f"{block['label']} (mean of {n} seed{'s' * (n > 1)}, TTA)"
+        ax.plot([p["wall_s"] / 60 for p in curve], [100 * p["test_accuracy_tta"] for p in curve], style, label=label)
+    for run in payload.get("budgets", []):
+        ax.plot(run["process_wall_s"] / 60, 100 * run["test_accuracy_tta"], "D", markersize=8,
+                label=f"{run['model']} {run['epochs']:g} epochs, {run['budget_s'] / 60:g}-minute budget (seed 0)")  # fmt: skip
+    ax.axhline(90, color="gray", linestyle=":", linewidth=1)
+    ax.axvline(15, color="gray", linestyle=":", linewidth=1)
+    ax.text(15.2, ax.get_ylim()[0] + 1, "15 min", color="gray", fontsize=8)
+    ax.set(xlabel="wall time from launch (minutes)", ylabel="test accuracy with TTA (%)",
+           title=f"CIFAR-10 (JPEG copy) on {payload['environment']['cpu']}, {payload['environment']['cores']} cores")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_tables(payload: dict) -> None:
+    env = payload["environment"]
+    print(f"\n{payload['date']}, {env['cpu']}, {env['cores']} cores, torch {payload['torch']}\n")
+    print("| run | epochs | test acc | test acc (TTA) | wall time | training time | train img/s | to 85% | to 88% |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in ("default", "old_recipe"):
+        if name not in payload:
+            continue
+        block = payload[name]
+        s, first = block["summary"], block["runs"][0]
+        reach = [s["time_to_tta_s"][f"{t:.2f}"] for t in TARGETS[:2]]
+        print(f"| {block['label']}, mean ± sd of {len(block['runs'])} seeds | {first['epochs']:g} "
+              f"| {100 * s['test_accuracy']['mean']:.2f} ± {100 * s['test_accuracy']['std']:.2f}% "
+              f"| {100 * s['test_accuracy_tta']['mean']:.2f} ± {100 * s['test_accuracy_tta']['std']:.2f}% "
+              f"| {s['process_wall_s']['mean']:.0f} s | {s['train_s']['mean']:.0f} s | {s['train_images_per_s']['mean']:.0f} "
+              + "".join(f"| {r:.0f} s " if r is not None else "| - " for r in reach) + "|")  # fmt: skip
+    for run in payload.get("budgets", []):
+        print(f"| {run['model']}, {run['budget_s'] / 60:g}-minute budget, seed 0 | {run['epochs']:g} "
+              f"| {100 * run['test_accuracy']:.2f}% | {100 * run['test_accuracy_tta']:.2f}% | {run['process_wall_s']:.0f} s "
+              f"| {run['timing']['train_s']:.0f} s | {run['train_images_per_s']:.0f} | | |")  # fmt: skip
+
+
+# ------------------------------------------------------------------ main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data", default="../shared/datasets/cifar10-jpeg.tar.gz", help="CIFAR-10 source (default: %(default)s)"
-    )
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument(
-        "--extra", default="", help="extra trainer.fit flags for the default-model runs (e.g. '--compile')"
-    )
-    parser.add_argument(
-        "--budget-epochs", type=float, nargs="*", default=[], help="shorter budgets for time-to-90%% (one seed)"
-    )
-    parser.add_argument(
-        "--comparison-epochs", type=float, default=1.0, help="epochs for the baseline CNN and ResNet-18 rows"
-    )
-    parser.add_argument("--skip-comparison", action="store_true")
-    parser.add_argument("--runs-dir", default="runs/benchmark", help="where the run folders go (default: %(default)s)")
-    parser.add_argument("--out", default=str(RESULTS / "train_targets.json"))
-    args = parser.parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     runs = Path(args.runs_dir)
     tag = f"{args.device}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    common = ["--val-size", "0", *args.extra.split()]
-
-    default_rows = [
-        run_fit(runs / f"{tag}-default-seed{s}", args.data, args.device, [*common, "--seed", str(s)])
-        for s in args.seeds
-    ]
-    budget_rows = [
-        run_fit(runs / f"{tag}-default-{e:g}ep", args.data, args.device, [*common, "--epochs", str(e)])
-        for e in args.budget_epochs
-    ]
-    reaching = [r for r in [*budget_rows, default_rows[0]] if r["test_accuracy_tta"] >= 0.90]
-    comparison = []
-    if not args.skip_comparison:
-        for model in ("baseline_cnn", "resnet18"):
-            flags = [
-                "--val-size",
-                "0",
-                "--model",
-                model,
-                "--epochs",
-                str(args.comparison_epochs),
-                "--tta",
-                "1",
-                "--seed",
-                "0",
-            ]
-            comparison.append(run_fit(runs / f"{tag}-{model}", args.data, args.device, flags))
-
+    data = load_dataset(args.data)
+    test = (torch.from_numpy(data.test_images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(data.test_labels))
     payload = {
         "date": datetime.date.today().isoformat(),
         "config": vars(args),
-        "default": {"runs": default_rows, "summary": summarize(default_rows)},
-        "time_to_90": min(reaching, key=lambda r: r["process_wall_s"]) if reaching else None,
-        "budget_runs": budget_rows,
-        "comparison": comparison,
+        "environment": machine_info(("torch", "numpy")),
+        "torch": torch.__version__,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
-    print_table(payload)
-    print(f"saved {args.out}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every run, so that an interrupted benchmark keeps what it measured
+        out.write_text(json.dumps(payload, indent=2) + "\n")
+
+    recipes = [("default", f"{DEFAULT_MODEL} (default)", [])]
+    if args.old_recipe:
+        recipes.append(("old_recipe", "fast_resnet, 5 epochs (previous default)", OLD_RECIPE))
+    for name, label, flags in recipes:
+        rows = []
+        for seed in args.seeds:
+            rows.append(run_fit(runs / f"{tag}-{name}-seed{seed}", args, [*flags, "--seed", str(seed)], test))
+            payload[name] = {"label": label, "flags": flags, "runs": rows, "summary": summarize(rows)}
+            save()
+
+    # Budgets: the default recipe's epochs scaled by its measured seconds per epoch (set-up time taken off).
+    default_runs = payload["default"]["runs"]
+    epochs = RECIPES.get(DEFAULT_MODEL, {}).get("epochs", 10.0)
+    fixed_s = statistics.mean(r["process_wall_s"] - r["timing"]["train_s"] - r["timing"]["eval_s"] for r in default_runs)
+    per_epoch_s = statistics.mean((r["timing"]["train_s"] + r["timing"]["eval_s"]) / r["epochs"] for r in default_runs)
+    payload["budgets"] = []
+    for budget in args.budgets:
+        budget_epochs = max(1, int((budget - fixed_s) / per_epoch_s * 0.97))  # a small margin for noise
+        row = run_fit(runs / f"{tag}-budget-{budget:g}s", args, ["--epochs", str(budget_epochs), "--seed", "0"], test)
+        payload["budgets"].append({**row, "budget_s": budget, "scaled_from_epochs": epochs})
+        save()
+
+    plot_path = Path(args.plot or RESULTS / f"{args.device}_time_to_accuracy.png")
+    plot(payload, plot_path)
+    print_tables(payload)
+    print(f"saved {out} and {plot_path}")
     return 0
-
-
-def print_table(payload: dict) -> None:
-    s = payload["default"]["summary"]
-    env = payload["default"]["runs"][0]["environment"]
-    n = len(payload["default"]["runs"])
-    print(f"\n{payload['date']}, {env['device_name']}, {env['precision']}, torch {env['torch']}\n")
-    print("| run | epochs | test acc | test acc (TTA) | wall time | train img/s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    first = payload["default"]["runs"][0]
-    print(f"| {first['model']}, mean of {n} seeds | {first['epochs']:g} | {100 * s['test_accuracy']['mean']:.2f} ± {100 * s['test_accuracy']['std']:.2f}% "
-          f"| {100 * s['test_accuracy_tta']['mean']:.2f} ± {100 * s['test_accuracy_tta']['std']:.2f}% "
-          f"| {s['process_wall_s']['mean']:.0f} s | {s['train_images_per_s']['mean']:.0f} |")  # fmt: skip
-    for r in [*payload["budget_runs"], *payload["comparison"]]:
-        print(f"| {r['model']}, seed {r['seed']} | {r['epochs']:g} | {100 * r['test_accuracy']:.2f}% | {100 * r['test_accuracy_tta']:.2f}% "
-              f"| {r['process_wall_s']:.0f} s | {r['train_images_per_s']:.0f} |")  # fmt: skip
-    if payload["time_to_90"]:
-        t = payload["time_to_90"]
-        print(f"\ntime to 90% (TTA): {t['process_wall_s']:.0f} s ({t['epochs']:g} epochs)")
-    else:
-        print("\ntime to 90% (TTA): not reached by any run")
 
 
 if __name__ == "__main__":

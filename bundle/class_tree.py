@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from bundle.preprocess import IMAGE_SUFFIXES
+from bundle.preprocess import IMAGE_SUFFIXES, read_image_file
 
 SPLITS = ("train", "test")
 
@@ -24,7 +24,8 @@ SPLITS = ("train", "test")
 @dataclass(frozen=True)
 class LabelledFile:
     """One image of the tree: its split ("train", "test" or None), class folder, name for messages, and content
-    (bytes read from an archive, or a file to read: the caller reads it and reports what cannot be read)."""
+    (bytes read from an archive, or a file to read: `read` raises ImageError for what cannot be read, such as a
+    FIFO, a dangling or looping symbolic link, or an oversized file, and the caller reports it)."""
 
     split: str | None
     label: str
@@ -32,7 +33,7 @@ class LabelledFile:
     content: bytes | Path
 
     def read(self) -> bytes:
-        return self.content.read_bytes() if isinstance(self.content, Path) else self.content
+        return read_image_file(self.content) if isinstance(self.content, Path) else self.content
 
 
 def iter_labelled_files(source: Path, split: str | None = None) -> Iterator[LabelledFile]:
@@ -43,8 +44,10 @@ def iter_labelled_files(source: Path, split: str | None = None) -> Iterator[Labe
     """
     if source.is_dir():
         yield from _iter_folder(source, split)
-    else:
+    elif source.is_file():
         yield from _iter_archive(source, split)
+    else:  # a FIFO or a device such as /dev/zero would block or never end
+        raise ValueError(f"{str(source)!r} is neither a folder nor a regular file (a tar archive of class folders)")
 
 
 def has_split_folders(source: Path) -> bool:
@@ -70,17 +73,18 @@ def first_per_class(source: Path, split: str, per_class: int) -> list[LabelledFi
 
 
 def _iter_folder(root: Path, split: str | None) -> Iterator[LabelledFile]:
+    # Every entry with an image suffix is yielded, readable or not (FIFOs, broken links): reading reports it.
     splits = [s for s in SPLITS if (root / s).is_dir()]
     if not splits:
         for file in sorted(root.glob("*/*")):
-            if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file():
+            if file.suffix.lower() in IMAGE_SUFFIXES and not file.is_dir():
                 yield LabelledFile(split, file.parent.name, str(file), file)
         return
     for name in splits:
         if split not in (None, name):
             continue
         for file in sorted((root / name).glob("*/*")):
-            if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file():
+            if file.suffix.lower() in IMAGE_SUFFIXES and not file.is_dir():
                 yield LabelledFile(name, file.parent.name, str(file), file)
 
 

@@ -7,18 +7,47 @@ so the same file gives the same answer through each. Pillow and numpy only.
 from __future__ import annotations
 
 import io
+import math
+import os
+import stat
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+DEFAULT_MAX_FILE_BYTES = 64 * 2**20  # image files larger than this are refused before reading
 DEFAULT_MAX_PIXELS = 40_000_000  # declared width x height; larger is refused before decoding (decompression bombs)
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")  # Pillow's names; nothing else is even parsed
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # the documented formats
+JPEG_DRAFT_MARGIN = 4  # a large JPEG is decoded at 1/2, 1/4 or 1/8 scale while it stays >= 4x the crop it feeds
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class ImageError(ValueError):
     """The bytes are not an image this service can use; the message says why."""
+
+
+def read_image_file(path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """The bytes of an image file, after checking that it is a regular file (not a FIFO, device or socket,
+    which could block or never end), that a symbolic link leads somewhere, and that it is not too large.
+    Raises ImageError with the reason."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        reason = "dangling symbolic link" if path.is_symlink() else "no such file"
+        raise ImageError(f"{path}: {reason}") from None
+    except OSError as err:  # ELOOP for a symbolic link loop, EACCES, ...
+        raise ImageError(f"{path}: cannot read the file ({os.strerror(err.errno) if err.errno else err})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "folder" if stat.S_ISDIR(info.st_mode) else "FIFO" if stat.S_ISFIFO(info.st_mode) else "special file"
+        raise ImageError(f"{path}: not a regular file (a {kind})")
+    if info.st_size > max_bytes:
+        raise ImageError(f"{path}: {info.st_size:,} bytes, over the limit of {max_bytes:,} for one image file")
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ImageError(f"{path}: cannot read the file ({err.strerror or err})") from None
 
 
 def decode_image(
@@ -31,11 +60,11 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size  # from the header: nothing decoded yet
-            if width * height > max_pixels:
-                raise ImageError(f"{name}: declared size {width}x{height} exceeds the limit of {max_pixels:,} pixels")
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            check_declared_size(image.size, max_pixels, name)  # from the header: nothing decoded yet
             image.seek(0)  # first frame of animations (GIF, WebP, multi-page TIFF)
+            if image.format == "JPEG" and (request := _jpeg_draft_size(image.size, contract)):
+                image.draft(None, request)  # DCT-domain downscaling: a fraction of the decoding work
             image.load()
             image = ImageOps.exif_transpose(image)
     except ImageError:
@@ -47,6 +76,17 @@ def decode_image(
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"{name}: truncated or corrupt image ({err})") from err
     return to_contract_pixels(image, contract)
+
+
+def _jpeg_draft_size(size: tuple[int, int], contract: dict) -> tuple[int, int] | None:
+    """The size to ask the JPEG decoder for so that the centre crop keeps >= JPEG_DRAFT_MARGIN x the model's
+    input size (None: the image is too small to reduce). See the contract's `large_jpeg` rule."""
+    _, _, height, width = contract["shape"]
+    ratio = min(size[0] / width, size[1] / height)  # how much larger than the input the centre crop is
+    if ratio < 2 * JPEG_DRAFT_MARGIN:
+        return None
+    scale = JPEG_DRAFT_MARGIN / ratio
+    return math.ceil(size[0] * scale), math.ceil(size[1] * scale)
 
 
 def decode_images(
@@ -61,13 +101,20 @@ def decode_images(
     )
 
 
-def declared_pixels(data: bytes) -> int:
-    """Width x height from an image file's header alone (0 for what is not an image); nothing is decoded."""
+def declared_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from an image file's header alone ((0, 0) for what is not an image); nothing is decoded."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.width * image.height
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
+            return image.size
     except Exception:  # Pillow raises many types on garbage; a bad file is refused when it is decoded
-        return 0
+        return 0, 0
+
+
+def check_declared_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
+    """Raise ImageError when an image declares more than `max_pixels` (a decompression bomb, or just too big)."""
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageError(f"{name}: declared size {width}x{height} exceeds the limit of {max_pixels:,} pixels")
 
 
 def to_contract_pixels(image: Image.Image, contract: dict) -> np.ndarray:

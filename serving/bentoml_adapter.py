@@ -1,72 +1,272 @@
-"""The one place that relies on non-public BentoML and Starlette behaviour (checked at import).
+"""The one place that relies on non-public behaviour of BentoML and uvicorn (versions checked at import).
 
-What it relies on, for bentoml >= 1.4.40, < 1.5 (`SUPPORTED_BENTOML`; outside that range the import fails
-with a clear error, and the batching, splitting and shedding tests in tests/test_serving.py cover the rest):
+What it relies on, for bentoml >= 1.4.40, < 1.5 and uvicorn >= 0.30, < 0.60 (outside those ranges the
+import fails with a clear error; tests/test_serving.py and tests/test_hardening.py cover each point):
 
-1. `bentoml._internal.marshal.dispatcher.CorkDispatcher(max_latency_in_ms, max_batch_size, fallback=...,
-   get_batch_size=...)`, the adaptive-batching dispatcher behind `@bentoml.api(batchable=True)`. Applied to
-   an async function of a sequence of inputs, it returns an async function of one input that is batched with
-   concurrent calls; an input larger than the batch limit is split along axis 0 and re-joined. When it expects
-   a call to wait past `max_latency_in_ms` it cancels that call, and the wrapper then returns `fallback()`
-   (our fallback raises, so the caller sees an exception). Called in process: a batchable API is only reached
-   over HTTP, one request per call, which cost a second HTTP hop per request (half the throughput, README).
-2. BentoML saves a multipart upload bound to a `Path` parameter as `NamedTemporaryFile(suffix=<upload
-   name>)`: the file name is "tmp", 8 random characters, then the name the client sent.
-3. Starlette raises `MultiPartException` (re-raised as `HTTPException`) with "files" in its text when a form
-   has more files than `max_files`.
+1. `bentoml serve` imports the service module in its main process before it creates the Prometheus
+   multiprocess folder from `BentoMLContainer.prometheus_multiproc_dir` (BENTOML_HOME/
+   prometheus_multiproc_dir, emptied at every start), and hands that folder to its workers as
+   $PROMETHEUS_MULTIPROC_DIR. `use_private_prometheus_dir` points it at a folder of this server's own, so a
+   second server on the machine no longer wipes the first one's metrics.
+2. BentoML's `RunnerTrafficMetricsMiddleware` labels its request metrics with the raw request path, one
+   label value per path ever requested. `collapse_unknown_route_metrics` relabels paths outside the
+   service's routes as one value before that middleware sees them.
+3. The worker builds `uvicorn.Config` with the default `http="auto"`, resolved through
+   `uvicorn.config.HTTP_PROTOCOLS` when the worker starts, after it imported the service module.
+   `install_http_limits` maps it to `GuardedHttpToolsProtocol`, uvicorn's httptools protocol with limits
+   on header size and header time, a cap on the body bytes discarded after an early answer, and a lingering
+   close (its `connection_made` transport, `data_received`, `on_message_begin`, `on_headers_complete`,
+   `on_message_complete`, `on_response_complete`, and the request cycle's `response_complete`, `more_body`
+   are used).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import atexit
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import NoReturn, TypeVar
 
 import bentoml
+import uvicorn
 
-SUPPORTED_BENTOML = ((1, 4, 40), (1, 5))  # [lowest, first unsupported)
+SUPPORTED = {"bentoml": ((1, 4, 40), (1, 5)), "uvicorn": ((0, 30), (0, 60))}  # [lowest, first unsupported)
 
 
-def _check_bentoml_version(found: str) -> None:
+def _check_version(package: str, found: str) -> None:
     numbers = tuple(int(part) for part in found.split("+")[0].split(".")[:3] if part.isdigit())
-    low, high = SUPPORTED_BENTOML
+    low, high = SUPPORTED[package]
     if not low <= numbers < high:
         raise RuntimeError(
-            f"bentoml {found} is installed, but serving/bentoml_adapter.py relies on internals of bentoml "
+            f"{package} {found} is installed, but serving/bentoml_adapter.py relies on internals of {package} "
             f">= {'.'.join(map(str, low))}, < {'.'.join(map(str, high))}: install a version in that range "
             "(pip install -e .) or port the adapter"
         )
 
 
-_check_bentoml_version(bentoml.__version__)
-from bentoml._internal.marshal.dispatcher import CorkDispatcher  # noqa: E402 -- only after the version check
+_check_version("bentoml", bentoml.__version__)
+_check_version("uvicorn", uvicorn.__version__)
 
-In = TypeVar("In")
-Out = TypeVar("Out")
-_UPLOAD_PREFIX_LENGTH = len("tmp") + 8
+# Only after the version checks: these are the internals the module docstring lists.
+import uvicorn.config  # noqa: E402
+from bentoml._internal.configuration.containers import BentoMLContainer  # noqa: E402
+from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware  # noqa: E402
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: E402
+
+UNKNOWN_ROUTE = "/(unknown-route)"
 
 
-def adaptive_batcher(
-    run_batch: Callable[[Sequence[In]], Awaitable[Sequence[Out]]],
-    *,
-    max_batch_size: int,
-    max_latency_ms: int,
-    on_shed: Callable[[], NoReturn],
-    size_of: Callable[[In], int] = len,
-) -> Callable[[In], Awaitable[Out]]:
-    """BentoML's adaptive batching around `run_batch` (see 1 above); `on_shed` raises for a shed call."""
-    dispatcher = CorkDispatcher(
-        max_latency_in_ms=max_latency_ms, max_batch_size=max_batch_size, fallback=on_shed, get_batch_size=size_of
+# ------------------------------------------------------------------ 1. a Prometheus folder per server
+
+
+def use_private_prometheus_dir() -> Path | None:
+    """In the `bentoml serve` main process, give this server its own Prometheus multiprocess folder (removed
+    at exit; folders left by servers that died are removed at the next start). Workers keep the folder their
+    server passed them. Returns the folder, or None in a worker."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    shared = Path(BentoMLContainer.prometheus_multiproc_dir.get())
+    root = shared.parent / "prometheus_multiproc_dirs"
+    root.mkdir(parents=True, exist_ok=True)
+    for folder in root.iterdir():
+        if folder.name.isdigit() and not _pid_alive(int(folder.name)):
+            shutil.rmtree(folder, ignore_errors=True)
+    own = root / str(os.getpid())
+    BentoMLContainer.prometheus_multiproc_dir.set(str(own))
+    atexit.register(shutil.rmtree, own, ignore_errors=True)
+    return own
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ------------------------------------------------------------------ 2. one metrics label for unknown paths
+
+
+def collapse_unknown_route_metrics(paths: Iterable[str], prefixes: Iterable[str] = ()) -> None:
+    """Requests to paths other than `paths` (or under `prefixes`) reach BentoML's request metrics, and the
+    404 handler, as one path, UNKNOWN_ROUTE: the metrics keep a bounded number of label values."""
+    known, known_prefixes = frozenset(paths), tuple(prefixes)
+    original = RunnerTrafficMetricsMiddleware.__call__
+    if getattr(original, "_collapses_unknown_routes", False):
+        return
+
+    async def call(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path not in known and not path.startswith(known_prefixes):
+            scope = {**scope, "path": UNKNOWN_ROUTE, "raw_path": UNKNOWN_ROUTE.encode()}
+        return await original(self, scope, receive, send)
+
+    call._collapses_unknown_routes = True
+    RunnerTrafficMetricsMiddleware.__call__ = call
+
+
+# ------------------------------------------------------------------ 3. HTTP limits below the application
+
+
+def _refusal(status: int, reason: str, message: str) -> bytes:
+    body = json.dumps({"error": message, "status": status}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "x-content-type-options: nosniff\r\nconnection: close\r\n\r\n"
     )
-    return dispatcher(run_batch)
+    return head.encode() + body
 
 
-def upload_name(path: Path) -> str:
-    """The name the client gave an uploaded file, from BentoML's temporary file (see 2 above)."""
-    name = path.name
-    return name[_UPLOAD_PREFIX_LENGTH:] if name.startswith("tmp") and len(name) > _UPLOAD_PREFIX_LENGTH else name
+class _LingeringTransport:
+    """The connection's transport, except that `close()` while the request body is still arriving waits for the
+    rest of it (discarded, up to the protocol's drain limit and linger time) before closing: closing a socket
+    with unread data makes the kernel send a reset, and a client that writes its whole body before reading
+    (urllib, requests) would see "connection reset" instead of the early answer (a 413)."""
+
+    def __init__(self, transport, protocol: GuardedHttpToolsProtocol) -> None:  # type: ignore[no-untyped-def]
+        self._transport = transport
+        self._protocol = protocol
+        self._closing = False
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._protocol.body_arriving():
+            self._protocol.linger(self._transport.close)
+        else:
+            self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def __getattr__(self, name: str):  # everything else is the transport's
+        return getattr(self._transport, name)
 
 
-def is_too_many_files(detail: str) -> bool:
-    """Whether Starlette's multipart error `detail` says the form had too many files (see 3 above)."""
-    return "files" in detail.lower()
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus: request line and headers limited in size (431) and in time (408,
+    also for a connection that sends nothing); body bytes that keep arriving after the answer was sent (an
+    early 413) discarded up to `max_drain_bytes` and `linger_s`, before the connection closes or is reused."""
+
+    max_header_bytes = 64 * 1024
+    header_timeout_s = 10.0
+    max_drain_bytes = 64 * 2**20
+    linger_s = 10.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+        super().connection_made(_LingeringTransport(transport, self))
+        self._header_bytes = 0
+        self._headers_pending = True  # no request, or one whose headers are incomplete
+        self._drained = 0
+        self._refused = False
+        self._lingering = None  # (timer, close) while waiting for the rest of a body before closing
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        if self._lingering:
+            self._lingering[0].cancel()
+        super().connection_lost(exc)
+
+    def body_arriving(self) -> bool:
+        """True when the current request has been answered but its body has not all arrived."""
+        return self.cycle is not None and self.cycle.response_complete and self.cycle.more_body
+
+    def linger(self, close) -> None:  # type: ignore[no-untyped-def]
+        self._lingering = (self.loop.call_later(self.linger_s, close), close)
+        self.flow.resume_reading()  # uvicorn paused reading while the unread body piled up
+
+    def _stop_lingering(self) -> None:
+        timer, close = self._lingering
+        self._lingering = None
+        timer.cancel()
+        close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self.body_arriving():
+            self._drained += len(data)  # the body of a request already answered
+            if self._drained > self.max_drain_bytes:
+                if self._lingering:
+                    self._stop_lingering()
+                else:
+                    self.transport.close()
+                return
+        if self._headers_pending:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+            allowance = self.max_header_bytes - self._header_bytes
+            if len(data) > allowance:  # feed what the limit allows; refuse if the headers are still not complete
+                head, data = data[:allowance], data[allowance:]
+                self._header_bytes += len(head)
+                super().data_received(head)
+                if self._headers_pending:
+                    limit = f"{self.max_header_bytes // 1024} KiB"
+                    self._refuse(431, "Request Header Fields Too Large", f"request line and headers exceed {limit}")
+                    return
+                if not data:
+                    return
+            else:
+                self._header_bytes += len(data)
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._headers_pending = True
+        self._drained = 0
+
+    def on_headers_complete(self) -> None:
+        self._headers_pending = False
+        self._header_bytes = 0
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self.cycle is not None and self.cycle.response_complete:
+            self._headers_pending = True  # the end of a body drained after an early answer
+            if self._lingering:
+                self._stop_lingering()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.cycle is None or not self.cycle.more_body:
+            self._headers_pending = True  # the next bytes are a new request's
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._headers_pending and not self.transport.is_closing():
+            if self._header_bytes:
+                self._refuse(408, "Request Timeout", f"headers not received within {self.header_timeout_s:g} s")
+            elif self.cycle is None or self.cycle.response_complete:
+                self.transport.close()  # an idle connection that never sent a request
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        self._refused = True
+        self._cancel_header_timer()
+        with contextlib.suppress(RuntimeError):
+            self.transport.write(_refusal(status, reason, message))
+        self.transport.close()
+
+
+def install_http_limits(*, max_header_bytes: int, header_timeout_s: float, max_drain_bytes: int) -> None:
+    """Make uvicorn (in this worker) use GuardedHttpToolsProtocol with these limits (see 3 above)."""
+    GuardedHttpToolsProtocol.max_header_bytes = max_header_bytes
+    GuardedHttpToolsProtocol.header_timeout_s = header_timeout_s
+    GuardedHttpToolsProtocol.max_drain_bytes = max_drain_bytes
+    name = f"{__name__}:GuardedHttpToolsProtocol"
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = name
+    uvicorn.config.HTTP_PROTOCOLS["httptools"] = name

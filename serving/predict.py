@@ -14,6 +14,7 @@ import argparse
 import csv
 import glob
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,26 +24,42 @@ from tqdm import tqdm
 
 from bundle.class_tree import iter_labelled_files
 from bundle.manifest import ExportedModel, ModelError, load_model_dir, verify_checksums
-from bundle.preprocess import IMAGE_SUFFIXES, ImageError, decode_image, pixels_to_input, softmax, top_k
+from bundle.preprocess import (
+    DEFAULT_MAX_FILE_BYTES,
+    IMAGE_SUFFIXES,
+    ImageError,
+    decode_image,
+    pixels_to_input,
+    read_image_file,
+    softmax,
+    top_k,
+)
 from bundle.runtime import load_backend
 
 OFFLINE_BACKENDS = ("onnx", "onnx_int8")
 
 
 def expand_paths(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files, folders (recursive, image suffixes only) and globs -> (files, [(pattern, problem)])."""
+    """Files, folders (recursive, image suffixes only; symbolic links to folders are not followed) and globs
+    -> (files, [(pattern, problem)]). Entries that are not readable regular files (FIFOs, dangling or looping
+    links) are kept: reading them reports why, so nothing is skipped silently."""
     files, problems = [], []
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(
+                Path(folder) / name
+                for folder, _, names in os.walk(path)
+                for name in names
+                if Path(name).suffix.lower() in IMAGE_SUFFIXES
+            )
             files += found
             if not found:
                 problems.append((pattern, "folder holds no image files"))
-        elif path.is_file():
-            files.append(path)
+        elif path.exists() or path.is_symlink():
+            files.append(path)  # a regular file, or a FIFO or broken link that reading will report
         elif glob.has_magic(pattern):
-            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if not Path(p).is_dir())
             files += matches
             if not matches:
                 problems.append((pattern, "pattern matches no files"))
@@ -63,11 +80,17 @@ def labelled_items(source: Path, class_names: list[str]) -> Iterator[tuple[str, 
 
 
 def predict_stream(
-    model: ExportedModel, run, items: Iterable[tuple[str, bytes | Path]], batch_size: int, total: int | None
+    model: ExportedModel,
+    run,
+    items: Iterable[tuple[str, bytes | Path]],
+    batch_size: int,
+    total: int | None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     """Yield (name, probabilities or None, error or None) in input order, inferring in batches.
 
-    Items hold image bytes or a file to read; a file that cannot be read is an error, like a bad image."""
+    Items hold image bytes or a file to read; a file that cannot be read (not a regular file, a broken or
+    looping link, larger than `max_file_bytes`) is an error, like a bad image."""
     pending: list[tuple[str, np.ndarray]] = []
 
     def flush() -> Iterator[tuple[str, np.ndarray, None]]:
@@ -78,12 +101,10 @@ def predict_stream(
 
     for name, data in tqdm(items, total=total, unit="img", desc="predicting", disable=None, file=sys.stderr):
         try:
-            data = data.read_bytes() if isinstance(data, Path) else data
+            data = read_image_file(data, max_file_bytes) if isinstance(data, Path) else data
             pending.append((name, decode_image(data, model.contract, name=name)))
         except ImageError as err:
             yield name, None, str(err)
-        except OSError as err:
-            yield name, None, f"{name}: cannot read the file ({err.strerror or err})"
         if len(pending) >= batch_size:
             yield from flush()
     if pending:
@@ -111,8 +132,11 @@ def _print_results(results: list[tuple[str, np.ndarray]], class_names: list[str]
             print(f"{name:<{width}}  " + "  ".join(f"{p['label']} {100 * p['probability']:5.1f}%" for p in preds))
 
 
-def evaluate(model: ExportedModel, run, source: Path, batch_size: int) -> tuple[dict, int]:
-    """Accuracy and per-class accuracy on a labelled source; returns (summary, files skipped)."""
+def evaluate(
+    model: ExportedModel, run, source: Path, batch_size: int, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> tuple[dict, int]:
+    """Accuracy and per-class accuracy on a labelled source; returns (summary, files skipped). Raises
+    ValueError when the source holds no labelled image that could be scored."""
     labels: dict[str, int] = {}
 
     def items() -> Iterator[tuple[str, bytes | Path]]:
@@ -123,13 +147,18 @@ def evaluate(model: ExportedModel, run, source: Path, batch_size: int) -> tuple[
     k = len(model.class_names)
     confusion = np.zeros((k, k), dtype=np.int64)
     skipped = 0
-    for name, probabilities, error in predict_stream(model, run, items(), batch_size, total=None):
+    for name, probabilities, error in predict_stream(model, run, items(), batch_size, None, max_file_bytes):
         if error:
             print(f"skipped {error}", file=sys.stderr)
             skipped += 1
         else:
             confusion[labels[name], int(probabilities.argmax())] += 1
     total = int(confusion.sum())
+    if total == 0:
+        raise ValueError(
+            f"no labelled image could be scored in {str(source)!r} ({skipped} skipped): expected <class>/<image> "
+            f"or test/<class>/<image> with class folders named {', '.join(model.class_names)}"
+        )
     per_class = {c: float(confusion[i, i] / max(1, confusion[i].sum())) for i, c in enumerate(model.class_names)}
     return {
         "images": total,
@@ -154,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--evaluate", metavar="SOURCE", help="score a labelled class-folder tree or .tar(.gz) instead")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: all cores)")
+    parser.add_argument(
+        "--max-file-mb",
+        type=float,
+        default=DEFAULT_MAX_FILE_BYTES / 2**20,
+        help=f"image files larger than this are skipped unread (default: {DEFAULT_MAX_FILE_BYTES / 2**20:g})",
+    )
     return parser
 
 
@@ -162,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.paths) == bool(args.evaluate):
         parser.error("give image PATHs or --evaluate SOURCE (one of the two)")
-    if args.batch_size < 1 or args.top_k < 1 or args.threads < 0:
-        parser.error("--batch-size and --top-k must be >= 1, --threads >= 0")
+    if args.batch_size < 1 or args.top_k < 1 or args.threads < 0 or args.max_file_mb <= 0:
+        parser.error("--batch-size and --top-k must be >= 1, --threads >= 0, --max-file-mb > 0")
+    max_file_bytes = int(args.max_file_mb * 2**20)
     try:
         model = load_model_dir(args.model)
         verify_checksums(model, [args.backend])
@@ -178,15 +214,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {str(source)!r} does not exist", file=sys.stderr)
             return 2
         try:
-            summary, skipped = evaluate(model, run, source, args.batch_size)
+            summary, skipped = evaluate(model, run, source, args.batch_size, max_file_bytes)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         if args.format == "json":
             print(json.dumps({"model": model.name, "source": str(source), **summary}, indent=2))
         else:
-            print(f"{model.name} on {source}: accuracy {100 * summary['accuracy']:.2f}% over {summary['images']} images"
-                  + (f" ({skipped} skipped)" if skipped else ""))  # fmt: skip
+            skipped_text = f" ({skipped} skipped)" if skipped else ""
+            print(
+                f"{model.name} on {source}: accuracy {100 * summary['accuracy']:.2f}% over {summary['images']} images{skipped_text}"
+            )
             for name, acc in summary["per_class_accuracy"].items():
                 print(f"  {name:<12} {100 * acc:6.2f}%")
         return 1 if skipped else 0
@@ -196,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {pattern}: {problem}", file=sys.stderr)
     results, skipped = [], len(problems)
     items = ((str(f), f) for f in files)
-    for name, probabilities, error in predict_stream(model, run, items, args.batch_size, total=len(files)):
+    for name, probabilities, error in predict_stream(model, run, items, args.batch_size, len(files), max_file_bytes):
         if error:
             print(f"skipped {error}", file=sys.stderr)
             skipped += 1

@@ -1,110 +1,91 @@
-"""CIFAR-10 classification service: `bentoml serve` from the repository root.
+"""CIFAR-10 classification service: `bentoml serve` from the repository root (bentofile.yaml).
 
-One BentoML service. Each worker process parses uploads, decodes them with the
-preprocessing the offline predictor uses (bundle/preprocess.py), and hands the
-pixels to BentoML's adaptive batching (serving/bentoml_adapter.py), which runs
-the exported model (bundle/runtime.py) on batches gathered across concurrent
-requests. Settings: `--arg name=value` or CLASSIFIER_<NAME>
-(serving/settings.py); the model comes from its manifest alone.
+One BentoML service, `Classifier`, one worker process per core. Each worker reads requests (serving/api.py),
+decodes uploads with the preprocessing the offline predictor uses (bundle/preprocess.py, budgeted by
+serving/decoding.py) and runs the exported model (bundle/runtime.py) on adaptive batches gathered across
+concurrent requests (serving/batching.py). Settings: `--arg name=value` or CLASSIFIER_<NAME>
+(serving/settings.py); everything about the model comes from its manifest.
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
+import os
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 import bentoml
 import numpy as np
-from starlette.applications import Starlette
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from bundle.manifest import load_model_dir, verify_checksums
-from bundle.preprocess import ImageError, declared_pixels, decode_images, pixels_to_input, softmax, top_k
+from bundle.preprocess import pixels_to_input, softmax, top_k
 from bundle.runtime import load_backend
-from serving.bentoml_adapter import adaptive_batcher, upload_name
-from serving.guard import RequestGuard
+from serving import bentoml_adapter
+from serving.api import ROUTES, Api
+from serving.batching import AdaptiveBatcher
+from serving.decoding import Decoder
+from serving.requests import Upload
 from serving.settings import ServiceSettings
 
 log = logging.getLogger("serving")
+log.setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING: keep the worker's start-up lines
+
+# Done at import, so that `bentoml serve` itself fails at once on a bad or tampered model folder (raised in
+# a worker, the arbiter would restart the crashing worker forever, never ready), and so that the HTTP limits
+# are in place before the worker builds its server.
 SETTINGS = bentoml.use_arguments(ServiceSettings)
 MODEL = load_model_dir(SETTINGS.model or None)
-# Checked at import so that `bentoml serve` itself fails (exit 1) on a tampered model: raised in a worker's
-# __init__, the arbiter would restart the crashing worker forever, never ready.
 verify_checksums(MODEL, [SETTINGS.backend])
-_, CHANNELS, HEIGHT, WIDTH = MODEL.contract["shape"]
-# Uploads of at most this many pixels in all are decoded on the event loop, which costs less than a thread
-# hop; bigger ones go to a thread so that the worker keeps serving while they decode.
-INLINE_DECODE_PIXELS = 64 * 64 * 16
-_BATCH_BUCKETS = [
+bentoml_adapter.use_private_prometheus_dir()
+bentoml_adapter.collapse_unknown_route_metrics(
+    [*ROUTES, "/livez", "/healthz", "/readyz", "/metrics", "/schema.json"], ["/static_content/"]
+)
+bentoml_adapter.install_http_limits(
+    max_header_bytes=SETTINGS.max_header_kb * 1024,
+    header_timeout_s=SETTINGS.header_timeout_s,
+    max_drain_bytes=max(64 * 2**20, 4 * int(SETTINGS.max_body_mb * 2**20)),
+)
+
+_BUCKETS = [
     *(n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n < SETTINGS.max_batch_size),
     SETTINGS.max_batch_size,
 ]
 BATCH_IMAGES = bentoml.metrics.Histogram(
-    name="classifier_batch_images",
-    documentation="Images per model batch formed by adaptive batching",
-    buckets=_BATCH_BUCKETS,
+    name="classifier_batch_images", documentation="Images per model batch formed by adaptive batching", buckets=_BUCKETS
 )
 BATCH_REQUESTS = bentoml.metrics.Histogram(
     name="classifier_batch_requests",
     documentation="Requests (or parts of split requests) per model batch formed by adaptive batching",
-    buckets=_BATCH_BUCKETS,
+    buckets=_BUCKETS,
 )
-
-
-class ModelBusy(bentoml.exceptions.ServiceUnavailable):
-    """The dispatcher dropped the request: its expected wait passed max_latency_ms."""
-
-
-def _model_busy() -> NoReturn:
-    raise ModelBusy("the model's queue is full")
-
-
-def _model_info(_request) -> JSONResponse:
-    keys = (
-        "name",
-        "architecture",
-        "parameters",
-        "class_names",
-        "input",
-        "test_accuracy",
-        "artifacts",
-        "parity",
-        "versions",
-        "created",
-    )
-    return JSONResponse({k: MODEL.manifest.get(k) for k in keys} | {"backend": SETTINGS.backend})
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status)
+API = Api(SETTINGS, MODEL, bentoml.get_current_service)
 
 
 @bentoml.service(
     name="cifar10_classifier",
     workers=SETTINGS.workers,
-    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+    traffic={"timeout": SETTINGS.timeout_s},  # concurrency is limited in serving/api.py, after the body arrived
+    logging={"access": {"enabled": SETTINGS.access_log}},
+    tracing={"excluded_urls": ["/classify", "/classify_pixels"]},  # no per-request spans on the hot path
 )
-@bentoml.asgi_app(Starlette(routes=[Route("/model", _model_info, methods=["GET"])]), path="/")
+@bentoml.asgi_app(API.app(), path="/")
 class Classifier:
-    """POST /classify (multipart images) or /classify_pixels (uint8 arrays) -> top-k labels per image."""
+    """Classifies images: uploads or pixel arrays -> top-k labels per image (routes in serving/api.py)."""
 
     def __init__(self) -> None:
         self.ready = False
         self.failed: str | None = None
-        # async: uint8 (N, H, W, 3) -> (N, classes), batched across concurrent requests
-        self.probabilities = adaptive_batcher(
-            self._run_batch,
-            max_batch_size=SETTINGS.max_batch_size,
-            max_latency_ms=SETTINGS.max_latency_ms,
-            on_shed=_model_busy,
+        self.run = None
+        self.batcher = AdaptiveBatcher(self._probabilities, max_batch_size=SETTINGS.max_batch_size, on_batch=_observe)
+        self.decoder = Decoder(
+            MODEL.contract,
+            max_pixels=SETTINGS.max_pixels,
+            max_request_pixels=SETTINGS.max_request_pixels,
+            max_pixels_in_flight=SETTINGS.max_decode_pixels_in_flight,
         )
+        _note_worker_start()
         threading.Thread(target=self._load_and_warm_up, name="warm-up", daemon=True).start()
 
     def _load_and_warm_up(self) -> None:
@@ -116,19 +97,22 @@ class Classifier:
 
     def _warm_up(self) -> None:
         self.run = load_backend(MODEL, SETTINGS.backend, threads=SETTINGS.threads)
+        height, width = MODEL.input_hw
         start = time.monotonic()
-        while True:  # every batch size a request can bring, at least once
-            for n in (1, 2, 4, 8, 16, 32, SETTINGS.max_batch_size):
-                self.run(np.zeros((min(n, SETTINGS.max_batch_size), CHANNELS, HEIGHT, WIDTH), np.float32))
+        while True:  # every batch size a request can bring, at least once; the timings seed the cost model
+            for n in sorted({1, 2, 4, 8, 16, 32, SETTINGS.max_batch_size}):
+                pixels = np.zeros((min(n, SETTINGS.max_batch_size), height, width, 3), np.uint8)
+                t0 = time.monotonic()
+                probabilities = self._probabilities(pixels)
+                self.batcher.cost.record(len(pixels), time.monotonic() - t0)
+            if probabilities.shape[1] != len(MODEL.class_names):
+                raise RuntimeError(
+                    f"the model answers {probabilities.shape[1]} classes, its manifest names {len(MODEL.class_names)}"
+                )
             if time.monotonic() - start >= SETTINGS.warmup_s:
                 break
-        log.info(
-            "model %s (%s, %d threads) warmed up in %.1f s",
-            MODEL.name,
-            SETTINGS.backend,
-            SETTINGS.threads,
-            time.monotonic() - start,
-        )
+        log.info("model %s (%s, %d threads) warmed up in %.1f s", MODEL.name, SETTINGS.backend, SETTINGS.threads,
+                 time.monotonic() - start)  # fmt: skip
         # Everything loaded so far (BentoML, pydantic, ONNX Runtime) moves to the permanent generation, so the
         # collector stops re-walking it: p99 at concurrency 32 fell from ~260 to ~200 ms (load benchmark).
         gc.collect()
@@ -141,72 +125,57 @@ class Classifier:
     def __is_alive__(self) -> bool:
         return self.failed is None
 
-    async def _run_batch(self, parts: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """One model call on the pixels of several requests; the dispatcher gives each its own rows back."""
-        pixels = np.concatenate(parts)
-        BATCH_IMAGES.observe(len(pixels))
-        BATCH_REQUESTS.observe(len(parts))
-        batch = pixels_to_input(pixels, MODEL.contract)
-        probabilities = softmax(await asyncio.to_thread(self.run, batch)).astype(np.float32)
-        return np.split(probabilities, np.cumsum([len(part) for part in parts])[:-1])
+    @bentoml.on_shutdown
+    def _note_clean_exit(self) -> None:
+        if pid_file := _worker_pid_file():
+            pid_file.unlink(missing_ok=True)
 
-    @bentoml.api(route="/classify")
-    async def classify(self, images: list[Path], k: int = 3) -> list[dict]:
-        """Classify uploaded image files (field `images`, repeatable); returns top-k labels per image."""
-        if not 1 <= k <= len(MODEL.class_names):
-            return _error(400, f"k must be between 1 and {len(MODEL.class_names)}, got {k}")
-        names = [upload_name(path) for path in images]
-        blobs = [path.read_bytes() for path in images]
-        args = (blobs, names, MODEL.contract, SETTINGS.max_pixels)
-        try:
-            if sum(map(declared_pixels, blobs)) <= INLINE_DECODE_PIXELS:
-                pixels = decode_images(*args)
-            else:
-                pixels = await asyncio.to_thread(decode_images, *args)
-        except ImageError as err:
-            return _error(400, str(err))
-        return await self._answer(pixels, k, names)
+    def _probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, classes); runs in the batcher's model thread."""
+        return softmax(self.run(pixels_to_input(pixels, MODEL.contract))).astype(np.float32)
 
-    @bentoml.api(route="/classify_pixels")
-    async def classify_pixels(self, pixels: np.ndarray, k: int = 3) -> list[dict]:
-        """Classify RGB pixel arrays of shape (N, H, W, 3), integers 0-255; same answers as /classify."""
-        if not 1 <= k <= len(MODEL.class_names):
-            return _error(400, f"k must be between 1 and {len(MODEL.class_names)}, got {k}")
-        if pixels.ndim != 4 or pixels.shape[1:] != (HEIGHT, WIDTH, CHANNELS):
-            return _error(400, f"pixels must have shape (N, {HEIGHT}, {WIDTH}, {CHANNELS}); got {pixels.shape}")
-        if len(pixels) == 0 or len(pixels) > SETTINGS.max_images:
-            return _error(
-                413 if len(pixels) else 400, f"send 1 to {SETTINGS.max_images} images per request, got {len(pixels)}"
-            )
-        if pixels.dtype.kind not in "iu":
-            return _error(400, f"pixels must be integers 0-255 (uint8 RGB); got {pixels.dtype} values")
-        if pixels.min() < 0 or pixels.max() > 255:
-            return _error(400, f"pixel values must be 0-255; got values from {pixels.min()} to {pixels.max()}")
-        return await self._answer(pixels.astype(np.uint8), k, None)
-
-    async def _answer(self, pixels: np.ndarray, k: int, names: list[str] | None) -> JSONResponse:
-        if not self.ready:
-            return _error(503, "the model is still warming up; retry shortly (GET /readyz says when it is ready)")
-        try:
-            probabilities = await self.probabilities(pixels)
-        except ModelBusy:
-            return _error(503, "the model is busy: its queue would take longer than max_latency_ms; retry shortly")
+    async def classify(self, uploads: list[Upload], k: int, deadline: float) -> list[dict]:
+        """Top-k labels for each uploaded image file, named by its file name."""
+        pixels = await self.decoder.decode(uploads)
+        probabilities = await self.batcher.submit(pixels, deadline)
         ranked = top_k(probabilities, MODEL.class_names, k)
-        # A plain JSONResponse: BentoML's own output encoding rebuilds a JSON schema for every answer.
-        return JSONResponse(
-            [
-                {"model": MODEL.name, **({"file": names[i]} if names else {}), "predictions": preds}
-                for i, preds in enumerate(ranked)
-            ]
-        )
+        return [{"model": MODEL.name, "file": u.name, "predictions": p} for u, p in zip(uploads, ranked, strict=True)]
+
+    async def classify_pixels(self, pixels: np.ndarray, k: int, deadline: float) -> list[dict]:
+        """Top-k labels for each uint8 (H, W, 3) pixel array."""
+        probabilities = await self.batcher.submit(pixels, deadline)
+        return [{"model": MODEL.name, "predictions": p} for p in top_k(probabilities, MODEL.class_names, k)]
 
 
-Classifier.add_asgi_middleware(
-    RequestGuard,
-    api_paths=("/classify", "/classify_pixels"),
-    upload_path="/classify",
-    file_field="images",
-    other_fields=("k",),
-    max_body_bytes=int(SETTINGS.max_body_mb * 2**20),
-    max_files=SETTINGS.max_images,
-)
+def _observe(images: int, requests: int) -> None:
+    BATCH_IMAGES.observe(images)
+    BATCH_REQUESTS.observe(requests)
+
+
+def _worker_pid_file() -> Path | None:
+    """worker-<index>.pid in the server's own folder (its Prometheus folder); None outside `bentoml serve`."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(folder) / f"worker-{bentoml.server_context.worker_index or 0}.pid" if folder else None
+
+
+def _note_worker_start() -> None:
+    """Log a worker that replaces one that died without shutting down (killed, crashed, out of memory)."""
+    pid_file = _worker_pid_file()
+    if pid_file is None:
+        return
+    try:
+        previous = int(pid_file.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous and previous != os.getpid():
+        log.warning(
+            "worker %s (pid %d) ended without shutting down (killed or crashed); pid %d replaces it",
+            bentoml.server_context.worker_index, previous, os.getpid(),
+        )  # fmt: skip
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(previous)  # drop its live gauges from /metrics
+    try:
+        pid_file.write_text(str(os.getpid()))
+    except OSError as err:
+        log.warning("cannot record the worker's pid in %s (%s)", pid_file, err)

@@ -20,12 +20,20 @@ class ServiceSettings(BaseModel):
     workers: int = Field(0, ge=0)  # service worker processes; 0: one per usable core
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads per worker; 0: usable cores / workers
     max_batch_size: int = Field(64, ge=2)  # images per adaptive batch
-    max_latency_ms: int = Field(1000, ge=1)  # the dispatcher refuses work it expects to take longer (503)
-    max_concurrency: int = Field(256, ge=1)  # requests in flight per worker; more get 429 (bounded queue)
-    timeout_s: int = Field(10, ge=1)
+    # A request the model's queue would answer later than this is refused at once (503); 0: timeout_s.
+    max_latency_ms: int = Field(0, ge=0)
+    max_concurrency: int = Field(256, ge=1)  # requests being processed by the whole service; more get 429
+    timeout_s: int = Field(10, ge=1)  # a request still unanswered after this gets 504
     max_images: int = Field(64, ge=1)  # images per /classify request
-    max_body_mb: float = Field(16.0, gt=0)
+    max_body_mb: float = Field(16.0, gt=0)  # per request (413 beyond)
+    body_timeout_s: float = Field(5.0, gt=0)  # a body must arrive within this + its size at 64 KiB/s (408)
+    max_buffered_mb: float = Field(256.0, gt=0)  # request bodies held in memory per worker (503 beyond)
+    max_header_kb: int = Field(64, ge=1)  # request line + headers (431 beyond)
+    header_timeout_s: float = Field(10.0, gt=0)  # headers must arrive within this after connecting (408)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # declared width x height per image (decompression bombs)
+    max_request_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # declared pixels of all images of a request (413)
+    max_decode_pixels_in_flight: int = Field(2 * DEFAULT_MAX_PIXELS, ge=1)  # per worker, large images (503 beyond)
+    access_log: bool = False  # one log line per request (costs CPU under load; off by default)
     warmup_s: float = Field(0.0, ge=0)  # keep warming up at least this long (tests use it to observe /readyz)
 
     @model_validator(mode="before")
@@ -43,4 +51,5 @@ class ServiceSettings(BaseModel):
         cores = usable_cores()
         self.workers = self.workers or cores
         self.threads = self.threads or max(1, cores // self.workers)
+        self.max_latency_ms = self.max_latency_ms or self.timeout_s * 1000
         return self

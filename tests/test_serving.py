@@ -198,6 +198,29 @@ def test_classify_matches_offline_predictor(server, model, offline, test_images)
 
 
 @slow
+@pytest.mark.parametrize("content_type", ["image/jpeg", "image/png", "application/octet-stream"])
+def test_classify_raw_image_body_matches_offline_predictor(server, model, offline, test_images, content_type) -> None:
+    """One image as the whole body (`curl --data-binary @cat.jpg -H 'Content-Type: image/jpeg'`), k in the query."""
+    for name, _, data in test_images[::60]:
+        if content_type == "image/png":
+            data = image_bytes(Image.open(io.BytesIO(data)), "PNG")
+        response = httpx.post(
+            f"{server.url}/classify?k={len(model.class_names)}",
+            content=data,
+            headers={"content-type": content_type},
+            timeout=TIMEOUT,
+        )
+        assert response.status_code == 200, response.text
+        (answer,) = response.json()
+        assert answer["model"] == model.name and answer["file"] == "image"
+        _assert_same_answers([answer], [offline([(name, data)])[name]], model.class_names)
+    empty = httpx.post(f"{server.url}/classify", content=b"", headers={"content-type": "image/jpeg"}, timeout=TIMEOUT)
+    _assert_json_error(empty, 400, "empty")
+    bad_k = httpx.post(f"{server.url}/classify?k=0", content=data, headers={"content-type": "image/png"})
+    _assert_json_error(bad_k, 400, "k must be between 1 and 10")
+
+
+@slow
 def test_classify_pixels_matches_classify(server, model, test_images) -> None:
     items = [(name, data) for name, _, data in test_images[::30]]
     pixels = np.stack([decode_image(data, model.contract) for _, data in items])
@@ -494,10 +517,13 @@ def test_service_answers_health_metrics_and_docs(server) -> None:
     metrics = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT)
     assert metrics.status_code == 200
     assert "bentoml_service_request_total" in metrics.text
-    ui = httpx.get(f"{server.url}/", timeout=TIMEOUT)
-    assert ui.status_code == 200 and "swagger" in ui.text.lower()
+    page = httpx.get(f"{server.url}/", timeout=TIMEOUT)
+    assert page.status_code == 200 and "<title>CIFAR-10 classifier</title>" in page.text
+    docs = httpx.get(f"{server.url}/docs", timeout=TIMEOUT)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
     spec = httpx.get(f"{server.url}/docs.json", timeout=TIMEOUT).json()
-    assert {"/classify", "/classify_pixels"} <= set(spec["paths"])
+    assert {"/classify", "/classify_pixels", "/model"} <= set(spec["paths"])
+    assert httpx.get(f"{server.url}/static_content/swagger-ui-bundle.js", timeout=TIMEOUT).status_code == 200
 
 
 # ------------------------------------------------------------------ readiness, overload, body limit (`limited`)

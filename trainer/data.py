@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import tarfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from bundle.class_tree import LabelledFile, iter_labelled_files
 from bundle.contract import CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH
+from bundle.preprocess import ImageError
 
 log = logging.getLogger(__name__)
 OFFICIAL_FOLDER = "cifar-10-batches-py"
@@ -61,6 +63,8 @@ def default_cache_dir() -> Path:
 def load_dataset(source: str | Path, cache_dir: Path | None = None, download: bool = False) -> Dataset:
     """Load (and cache) the data set at `source`; see the module docstring for layouts."""
     path = Path(source).expanduser()
+    if path.exists() and not (path.is_dir() or path.is_file()):  # /dev/zero, a FIFO: reading would never end
+        raise ValueError(f"data source {str(path)!r} is neither a folder nor a regular file")
     if not path.exists():
         if not download:
             raise FileNotFoundError(
@@ -119,8 +123,11 @@ def _is_class_tree(path: Path) -> bool:
 def _archive_has(path: Path, member_suffix: str) -> bool:
     if not tarfile.is_tarfile(path):
         return False
-    with tarfile.open(path) as tar:
-        return any(name.endswith(member_suffix) for name in tar.getnames())
+    try:
+        with tarfile.open(path) as tar:
+            return any(member.name.endswith(member_suffix) for member in tar)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:  # truncated or corrupt archives
+        raise ValueError(f"{str(path)!r} is a damaged tar archive ({err}); download or copy it again") from None
 
 
 def _decode(path: Path) -> Dataset:
@@ -163,9 +170,14 @@ def _read_official(location: Path) -> Dataset:
 
     def unpickle(raw: bytes, name: str) -> dict:
         try:
-            return pickle.loads(raw, encoding="bytes")
+            batch = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        except _ForbiddenInPickle as err:
+            raise ValueError(f"refusing CIFAR-10 batch {name!r} in {str(location)!r}: {err}") from None
         except Exception as err:  # pickle raises many types on corrupt input
             raise ValueError(f"corrupt CIFAR-10 batch {name!r} in {str(location)!r}: {err}") from err
+        if not isinstance(batch, dict):
+            raise ValueError(f"CIFAR-10 batch {name!r} in {str(location)!r} is a {type(batch).__name__}, not a dict")
+        return batch
 
     if location.is_dir():
 
@@ -177,15 +189,48 @@ def _read_official(location: Path) -> Dataset:
 
         return read_batches(read_file)
 
-    with tarfile.open(location) as tar:
-        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+    try:
+        with tarfile.open(location) as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
 
-        def read_member(name: str) -> dict:
-            if name not in members:
-                raise FileNotFoundError(f"official CIFAR-10 archive {str(location)!r} lacks {name!r}")
-            return unpickle(tar.extractfile(members[name]).read(), f"{location}:{name}")
+            def read_member(name: str) -> dict:
+                if name not in members:
+                    raise FileNotFoundError(f"official CIFAR-10 archive {str(location)!r} lacks {name!r}")
+                return unpickle(tar.extractfile(members[name]).read(), f"{location}:{name}")
 
-        return read_batches(read_member)
+            return read_batches(read_member)
+    except (tarfile.TarError, EOFError, zlib.error) as err:
+        raise ValueError(f"{str(location)!r} is a damaged tar archive ({err}); download or copy it again") from None
+
+
+class _ForbiddenInPickle(pickle.UnpicklingError):
+    """A pickle asked for something a CIFAR-10 batch never contains."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles what the official CIFAR-10 batches contain and nothing else: dicts, lists, bytes, strings,
+    numbers and numpy arrays. Any other global (os.system, builtins.eval, ...) is refused before it can run:
+    `pickle.loads` on a crafted archive runs arbitrary code."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),  # how numpy 1 pickled arrays (the official files)
+            ("numpy._core.multiarray", "_reconstruct"),  # ... and numpy 2
+            ("numpy.core.numeric", "_frombuffer"),  # protocol 5 arrays
+            ("numpy._core.numeric", "_frombuffer"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # how Python 3 writes bytes at protocol 2 (a string codec, no code)
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise _ForbiddenInPickle(
+                f"it asks to load {module}.{name}, which CIFAR-10 batches never contain (only dicts, lists, "
+                "bytes, strings and numpy arrays are allowed): the file is not the official data set"
+            )
+        return super().find_class(module, name)
 
 
 def _download_official(path: Path, cache_dir: Path | None) -> Dataset:
@@ -259,7 +304,7 @@ def _read_class_folders(source: Path) -> Dataset:
 def _decode_file(file: LabelledFile) -> np.ndarray:
     try:
         raw = file.read()
-    except OSError as err:
+    except ImageError as err:
         raise ValueError(f"cannot read image {file.name!r}: {err}") from err
     return _decode_image(raw, file.name)
 
