@@ -7,7 +7,7 @@
 #
 # Then, on the GPU machine (device tool: carry [".data"]), from the repository root:
 #
-#   PYTHONUNBUFFERED=1 PYTHONPATH=. python -m benchmarks.gpu_run --out "$OUT"
+#   PYTHONUNBUFFERED=1 PYTHONPATH=. python3 -m benchmarks.gpu_run --out "$OUT"
 #
 # .data/ receives cifar10-jpeg.tar.gz (19.4 MB), peers/airbench94.py with its LICENSE, and revision.txt (the
 # commit and date, recorded in the results). A run carries at most 64 MiB, tracked files included: nothing

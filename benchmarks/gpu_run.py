@@ -5,7 +5,7 @@ repository, not ../shared), then run on the GPU machine (torch, no network, no i
 root, carrying .data; at most --budget-s seconds (7 minutes):
 
     benchmarks/gpu_prepare.sh
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python -m benchmarks.gpu_run --out "$OUT"
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 -m benchmarks.gpu_run --out "$OUT"
 
 The same steps on a CPU at toy size, to prove the script before a GPU is available (CI runs it through
 tests/test_gpu_run.py; 1-3 minutes on 2 cores):
@@ -26,6 +26,9 @@ skipped and recorded with the reason; estimates come from the runs already measu
 
 --out receives gpu_run.log (everything, as it happens), gpu_results.json (rewritten after every step: self-
 describing, every number with its unit), bundle_model.pt and bundle_report.json: at most 8 files of 16 MB.
+A rerun of some steps: --steps 3 4 5 6 (step 2's stop rule then does not apply). Exit status: 0 when every
+step passed, was partial or was skipped for time; 1 when one failed, timed out, raised or was interrupted;
+2 for missing inputs or bad options.
 """
 
 from __future__ import annotations

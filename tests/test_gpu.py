@@ -5,7 +5,7 @@ weights-only model.pt loads on a machine without CUDA (tensors saved on the CPU)
 loads onto the CPU. The bf16 run's model.pt goes through the exporter (which runs on the CPU): ONNX and
 TorchScript pass the parity gates against the eager model rebuilt from model.pt (INT8 is CPU-only code,
 tested in test_export.py). A CUDA run killed mid-way finishes on the CPU.
-Run on the GPU machine: `CIFAR10_JPEG=.data/cifar10-jpeg.tar.gz PYTHONPATH=. python -m pytest -m gpu tests/test_gpu.py`
+Run on the GPU machine: `CIFAR10_JPEG=.data/cifar10-jpeg.tar.gz PYTHONPATH=. python3 -m pytest -m gpu tests/test_gpu.py`
 (collect only this file there: the serving tests import bentoml, which the GPU machine lacks). About 2 minutes.
 """
 
