@@ -2,8 +2,11 @@
 
 For bf16 and fp16 autocast: a short real run on the GPU whose report says where and how it trained; its
 weights-only model.pt loads on a machine without CUDA (tensors saved on the CPU); its full checkpoint.pt
-resumes on the CPU; and the exporter (which runs on the CPU) writes ONNX and TorchScript that pass the
-parity gates against the eager model rebuilt from model.pt.
+loads onto the CPU. The bf16 run's model.pt goes through the exporter (which runs on the CPU): ONNX and
+TorchScript pass the parity gates against the eager model rebuilt from model.pt (INT8 is CPU-only code,
+tested in test_export.py). A CUDA run killed mid-way finishes on the CPU.
+Run on the GPU machine: `CIFAR10_JPEG=.data/cifar10-jpeg.tar.gz PYTHONPATH=. python3 -m pytest -m gpu tests/test_gpu.py`
+(collect only this file there: the serving tests import bentoml, which the GPU machine lacks). About 2 minutes.
 """
 
 from __future__ import annotations
@@ -25,20 +28,33 @@ pytestmark = [
 ]
 
 
-def _fit_args(data: Path, out: Path, precision: str, epochs: int) -> list[str]:
+def _fit_args(data: Path, out: Path, precision: str, epochs: int, tta: int = 2) -> list[str]:
     return [
         "--data", str(data), "--model", "fast_resnet", "--train-subset", "4096", "--val-size", "1000",
         "--epochs", str(epochs), "--batch-size", "256", "--device", "cuda", "--precision", precision,
-        "--seed", "0", "--out", str(out),
+        "--tta", str(tta), "--seed", "0", "--out", str(out),
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_cuda_run_reloads_on_cpu_resumes_there_and_exports(precision: str, shared_archive: Path, tmp_path: Path):
-    run = tmp_path / precision
-    run_module("trainer.fit", *_fit_args(shared_archive, run, precision, epochs=2), timeout=900)
+PRECISIONS = ("bf16", "fp16")
+
+
+@pytest.fixture(scope="module")
+def cuda_runs(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 2-epoch fast_resnet run on the GPU in each autocast precision: {precision: run folder}."""
+    runs = {}
+    for precision in PRECISIONS:
+        runs[precision] = tmp_path_factory.mktemp("cuda") / precision
+        run_module("trainer.fit", *_fit_args(shared_archive, runs[precision], precision, epochs=2), timeout=900)
+    return runs
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_cuda_run_reports_its_device_and_reloads_on_cpu(precision: str, cuda_runs: dict[str, Path]) -> None:
+    run = cuda_runs[precision]
     report = json.loads((run / "report.json").read_text())
     assert report["environment"]["device"].startswith("cuda") and report["environment"]["precision"] == precision
+    assert report["environment"]["process_group"] is None  # a plain run joins no process group
     assert report["timing"]["train_s"] > 0 and report["timing"]["warmup_s"] > 0
     # fast_resnet on 4,096 images for 2 epochs reaches ~45% on CPU (fp32); chance is 10%, a broken run ~10-20%.
     assert report["test"]["accuracy"] > 0.3, report["test"]["accuracy"]
@@ -50,11 +66,14 @@ def test_cuda_run_reloads_on_cpu_resumes_there_and_exports(precision: str, share
 
     checkpoint = load_training_checkpoint(run)  # onto the CPU, whatever device saved it
     assert checkpoint.config["device"] == "cuda" and checkpoint.finished
+    assert all(t.device.type == "cpu" for t in checkpoint.model.values())
 
-    exported = tmp_path / f"exported-{precision}"
+
+def test_cuda_model_pt_exports_with_parity(cuda_runs: dict[str, Path], shared_archive: Path, tmp_path: Path) -> None:
+    exported = tmp_path / "exported"
     run_module(
-        "trainer.export", str(run / "model.pt"), "--out", str(exported), "--data", str(shared_archive),
-        "--parity-images", "200", "--eval-images", "2000", timeout=900,
+        "trainer.export", str(cuda_runs["bf16"] / "model.pt"), "--out", str(exported), "--data", str(shared_archive),
+        "--no-int8", "--parity-images", "200", "--eval-images", "2000", timeout=900,
     )  # fmt: skip
     manifest = json.loads((exported / "manifest.json").read_text())
     assert manifest["parity"]["onnx"]["passed"] and manifest["parity"]["torchscript"]["passed"]
@@ -65,7 +84,8 @@ def test_cuda_run_killed_mid_way_finishes_on_the_cpu(shared_archive: Path, tmp_p
     from trainer_helpers import FitProcess
 
     run = tmp_path / "moved"
-    fit = FitProcess(_fit_args(shared_archive, run, "bf16", epochs=10), tmp_path / "gpu.log")
+    # TTA off: the resumed run's final evaluation runs on the CPU.
+    fit = FitProcess(_fit_args(shared_archive, run, "bf16", epochs=10, tta=0), tmp_path / "gpu.log")
     fit.wait_for(lambda: (run / "checkpoint.pt").exists(), "the first checkpoint", timeout=600)
     fit.kill()
     saved = load_training_checkpoint(run)

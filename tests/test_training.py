@@ -3,7 +3,8 @@
 The CLI's help; the short ResNet-20 run of conftest (`trained_run`): accuracy and run
 folder; resume after SIGKILL reproducing an uninterrupted run bit for bit; a diverging
 loss stopping the run with the last checkpoint intact; refusing to overwrite a run;
-a two-process gloo DDP run. Tiny runs use the small CNN on 1,000 images (trainer_helpers).
+a two-process gloo DDP run, and a one-process torchrun run in a gloo group. Tiny runs
+use the small CNN on 1,000 images (trainer_helpers).
 Run: `pytest tests/test_training.py` (about two minutes on two busy cores plus the shared run).
 """
 
@@ -270,12 +271,29 @@ def test_fit_two_process_gloo_ddp_run_finishes(shared_archive: Path, tmp_path: P
     )  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["environment"]["world_size"] == 2, report["environment"]
+    assert report["environment"]["process_group"] == "gloo", report["environment"]
     assert report["steps"] == 2 * TINY_STEPS_PER_EPOCH
     assert report["test"]["accuracy"] > 0.1
     state = load_state(out)
     assert state["finished"] and state["step"] == 2 * TINY_STEPS_PER_EPOCH
     build_model("baseline_cnn").load_state_dict(state["model"])  # no "module." prefix from DDP
     assert [r["epoch"] for r in _metrics(out)] == [1, 2], "only rank 0 may write metrics"
+
+
+def test_fit_one_process_torchrun_joins_a_gloo_group(shared_archive: Path, tmp_path: Path) -> None:
+    """A one-rank torchrun run goes through the process group and DDP (as the GPU benchmark's NCCL check relies
+    on), and its checkpoint holds the bare model's weights; a plain run stays out of any group."""
+    out = tmp_path / "torchrun1"
+    args = tiny_fit_args(shared_archive, out)
+    args[args.index("--epochs") + 1] = "1"
+    result = run_module(
+        "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "trainer.fit", *args,
+        timeout=400, env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    environment = json.loads((out / "report.json").read_text())["environment"]
+    assert environment["world_size"] == 1 and environment["process_group"] == "gloo", environment
+    assert "(gloo process group, DDP)" in result.stderr, result.stderr[-3000:]
+    build_model("baseline_cnn").load_state_dict(load_state(out)["model"])  # no "module." prefix from DDP
 
 
 # ------------------------------------------------------------------ torch.compile (the GPU path, exercised on the CPU)

@@ -307,10 +307,11 @@ def run(
         kept = [row for row in report.read_metrics(metrics_path) if row["epoch"] <= state.epoch]
         report.rewrite_metrics(metrics_path, kept)  # a resumed run drops rows written after its checkpoint
         log.info(
-            "%s: %s params | %d train / %d val / %d test images | %d epochs x %d steps of %d | device %s x%d, %s%s",
+            "%s: %s params | %d train / %d val / %d test images | %d epochs x %d steps of %d | device %s x%d%s, %s%s",
             config.model, f"{count_parameters(state.model):,}", len(data.train_images), len(data.val_images),
             len(data.test_images), num_epochs, steps_per_epoch, config.batch_size, device, runtime.world_size,
-            precision, ", compiled" if config.compile else "",
+            f" ({runtime.backend} process group, DDP)" if runtime.distributed else "", precision,
+            ", compiled" if config.compile else "",
         )  # fmt: skip
 
     # warm-up, outside the timed training
@@ -369,7 +370,9 @@ def run(
         epochs=config.epochs,
         steps=state.step,
         train_images_per_s=state.step * config.batch_size / timer.train_s if timer.train_s else None,
-        environment=report.environment_info(device, torch.get_num_threads(), runtime.world_size, precision),
+        environment=report.environment_info(
+            device, torch.get_num_threads(), runtime.world_size, precision, runtime.backend
+        ),
         data={"source": data.source, "train": len(data.train_images), "val": len(data.val_images),
               "test": len(data.test_images)},
         config=dataclasses.asdict(config),

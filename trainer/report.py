@@ -36,8 +36,11 @@ def append_metrics(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def environment_info(device: torch.device, threads: int, world_size: int, precision: str) -> dict:
-    """Where a run trained: device, threads, ranks, precision, machine and library versions."""
+def environment_info(
+    device: torch.device, threads: int, world_size: int, precision: str, process_group: str | None = None
+) -> dict:
+    """Where a run trained: device, threads, ranks and their process group (None: no launcher), precision,
+    machine and library versions."""
     machine = machine_info(("torch", "torchvision", "numpy"))
     return {
         "device": str(device),
@@ -45,6 +48,7 @@ def environment_info(device: torch.device, threads: int, world_size: int, precis
         "cpu_count": machine["cores"],
         "torch_threads": threads,
         "world_size": world_size,
+        "process_group": process_group,
         "precision": precision,
         "platform": machine["platform"],
         **machine["versions"],
