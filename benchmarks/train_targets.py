@@ -29,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bundle.environment import machine_info
@@ -47,7 +46,9 @@ TARGETS = (0.85, 0.88, 0.90)
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="../shared/datasets/cifar10-jpeg.tar.gz", help="CIFAR-10 source (default: %(default)s)")
+    parser.add_argument(
+        "--data", default="../shared/datasets/cifar10-jpeg.tar.gz", help="CIFAR-10 source (default: %(default)s)"
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default: cpu)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per recipe (default: 0 1 2)")
     parser.add_argument("--extra", default="", help="extra trainer.fit flags for every run (e.g. '--compile')")
@@ -60,8 +61,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="wall-time budgets in seconds for single runs of the default recipe, epochs scaled to fit (default: 300 1800)",
     )  # fmt: skip
     parser.add_argument("--runs-dir", default="runs/benchmark", help="where the run folders go (default: %(default)s)")
-    parser.add_argument("--out", default=str(RESULTS / "train_targets.json"), help="results JSON (default: %(default)s)")
-    parser.add_argument("--plot", help="time-to-accuracy plot (default: benchmarks/results/<device>_time_to_accuracy.png)")
+    parser.add_argument(
+        "--out", default=str(RESULTS / "train_targets.json"), help="results JSON (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--plot", help="time-to-accuracy plot (default: benchmarks/results/<device>_time_to_accuracy.png)"
+    )
     return parser
 
 
@@ -248,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     # Budgets: the default recipe's epochs scaled by its measured seconds per epoch (set-up time taken off).
     default_runs = payload["default"]["runs"]
     epochs = RECIPES.get(DEFAULT_MODEL, {}).get("epochs", 10.0)
-    fixed_s = statistics.mean(r["process_wall_s"] - r["timing"]["train_s"] - r["timing"]["eval_s"] for r in default_runs)
+    fixed_s = statistics.mean(
+        r["process_wall_s"] - r["timing"]["train_s"] - r["timing"]["eval_s"] for r in default_runs
+    )
     per_epoch_s = statistics.mean((r["timing"]["train_s"] + r["timing"]["eval_s"]) / r["epochs"] for r in default_runs)
     payload["budgets"] = []
     for budget in args.budgets:

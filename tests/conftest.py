@@ -47,6 +47,12 @@ def shared_archive() -> Path:
     return SHARED_ARCHIVE
 
 
+# Test accuracy that `trained_run` must reach. Measured: 51.2% (seed 0, this project's 2-core CPU); chance is 10%.
+# The 11-point margin covers other CPUs' float differences, while a pipeline that trains on misaligned labels,
+# evaluates other pixels than it trained on, or barely trains stays far below.
+SHORT_RUN_MIN_ACCURACY = 0.40
+
+
 @pytest.fixture(scope="session")
 def trained_run(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real (short) ResNet-20 run on 10,000 training images: a few minutes on 2 idle cores."""

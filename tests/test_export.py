@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_module
+from conftest import SHORT_RUN_MIN_ACCURACY, run_module
 from onnx import numpy_helper
 from torch import nn
 from trainer_helpers import tiny_fit_args
@@ -124,7 +124,7 @@ def test_export_manifest_has_the_documented_fields(manifest: dict, trained_run: 
     assert {"torch_eager", *ARTIFACT_FILES} <= accuracy.keys()
     for kind in FP32_KINDS:  # same logits: same accuracy up to an exact tie
         assert accuracy[kind] == pytest.approx(accuracy["torch_eager"], abs=1e-3), kind
-    assert accuracy["torch_eager"] > 0.25
+    assert accuracy["torch_eager"] >= SHORT_RUN_MIN_ACCURACY
     for kind in FP32_KINDS:
         parity = manifest["parity"][kind]
         assert parity["passed"] is True and (parity["rtol"], parity["atol"]) == (export.FP32_RTOL, export.FP32_ATOL)
@@ -276,13 +276,54 @@ def _cheap_options(**changes) -> export.ExportOptions:
     )
 
 
+REAL_WRITERS = {"onnx": export.export_onnx, "torchscript": export.export_torchscript}  # before any monkeypatch
+
+
+def _write_then_nudge_onnx(model: nn.Module, path: Path) -> None:
+    """The real ONNX writer, then the file's largest weight tensor nudged by 5% of its std (in place)."""
+    REAL_WRITERS["onnx"](model, path)
+    _perturbed_onnx(path, path, relative=0.05)
+
+
+def _write_torchscript_with_a_changed_buffer(model: nn.Module, path: Path) -> None:
+    """The real TorchScript writer, given the model with its normalisation mean (a buffer) off by 0.02."""
+    altered = copy.deepcopy(model)
+    with torch.no_grad():
+        altered.mean.add_(0.02)
+    REAL_WRITERS["torchscript"](altered, path)
+
+
+ALTERED_WRITERS = {"onnx": ("export_onnx", _write_then_nudge_onnx),
+                   "torchscript": ("export_torchscript", _write_torchscript_with_a_changed_buffer)}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(ALTERED_WRITERS))
+def test_export_main_exits_3_when_an_artifact_differs_from_the_eager_model(
+    kind: str, cnn_run: Path, shared_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """The gate loads each artifact as written and compares it with the eager model: an artifact that differs
+    (ONNX weights nudged after writing; TorchScript with a changed buffer) fails the export with exit status 3,
+    naming the artifact and the batch size, and nothing is written."""
+    name, altered_writer = ALTERED_WRITERS[kind]
+    monkeypatch.setattr(export, name, altered_writer)
+    out = tmp_path / "model"
+    argv = [str(cnn_run), "--out", str(out), "--data", str(shared_archive), "--no-int8", "--parity-images", "8",
+            "--eval-images", "100"]  # fmt: skip
+    with caplog.at_level(logging.ERROR, logger="trainer.export"):
+        assert export.main(argv) == 3, caplog.text
+    assert f"parity gate failed, nothing written: {kind}: batch size 1: logits differ by up to" in caplog.text
+    assert not out.exists()
+    assert _leftovers(tmp_path, "model") == [], "the staging folder was left behind"
+
+
 def test_export_checkpoint_failed_fp32_gate_keeps_the_existing_folder(
     cnn_run: Path, shared_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "model"
     out.mkdir()
     (out / "manifest.json").write_text('{"previous": true}')
-    monkeypatch.setattr(export, "FP32_ATOL", -1.0)  # no artifact can be within a negative tolerance
+    monkeypatch.setattr(export, "export_onnx", _write_then_nudge_onnx)
     with pytest.raises(ParityError, match=r"^onnx: batch size 1: logits differ by up to"):
         export.export_checkpoint(cnn_run, out, str(shared_archive), _cheap_options(), force=True, command="pytest")
     assert [p.name for p in out.iterdir()] == ["manifest.json"]

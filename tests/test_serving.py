@@ -242,8 +242,11 @@ def test_classify_accuracy_matches_offline_predictor(server, model, offline, tes
     expected = offline([(name, data) for name, _, data in test_images])
     offline_top1 = [int(expected[name].argmax()) for name, _, _ in test_images]
     assert served_top1 == offline_top1
+    # Against the labels, not the offline predictor (same decoding, so it would share a wrong rule): the bundled
+    # model's 90.2% on the test set is 92.0% on these 300 images (measured); a service that swapped channels,
+    # normalised twice or mixed up images between requests would fall far below 85%.
     served_accuracy = np.mean(np.array(served_top1) == labels)
-    assert served_accuracy == np.mean(np.array(offline_top1) == labels)
+    assert served_accuracy >= 0.85, served_accuracy
 
 
 @slow
@@ -264,9 +267,11 @@ def test_concurrent_requests_are_batched(server, test_images) -> None:
     after = _batch_histogram(server)
     assert after, "no classifier_batch_requests samples in /metrics"
     assert after["_sum"] - before["_sum"] == 32  # requests per batch: each request counted once
+    # Measured over 12 such bursts (2 workers, the default on 2 cores): 2 to 4 model batches, i.e. 8 to 16
+    # requests per batch. At most 8 batches (4 requests per batch on average) leaves a factor of 2; without
+    # batching there would be 32 batches of one.
     batches = after["_count"] - before["_count"]
-    batches_of_one = after["_bucket1.0"] - before["_bucket1.0"]
-    assert batches - batches_of_one >= 1, f"{batches} batches for 32 concurrent requests, all of size 1"
+    assert batches <= 8, f"{batches} model batches for 32 concurrent requests: {after - before}"
 
 
 @slow

@@ -35,7 +35,9 @@ def tiny_fit_args(data: Path, out: Path, *extra: str) -> list[str]:
 class FitProcess:
     """`python -m trainer.fit ARGS` started in the background, its output going to a log file."""
 
-    def __init__(self, args: list[str], log_path: Path, module: list[str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, module: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.log_path = log_path
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
@@ -43,7 +45,7 @@ class FitProcess:
             cwd=REPO,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
         )
 
     def running(self) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -19,6 +21,10 @@ from trainer.precision import autocast
 
 log = logging.getLogger(__name__)
 SYNC_EVERY = 10  # steps between host syncs (progress bar, non-finite check); each sync stalls a GPU
+# Fault injection for the resume tests: with TRAINER_KILL_AFTER_STEP=N set, the process SIGKILLs itself right
+# after global step N (no handler runs, nothing is flushed), as a crash or an OOM kill would stop it, at a point
+# a test can choose and reproduce. Unset in normal use.
+KILL_AFTER_STEP_ENV = "TRAINER_KILL_AFTER_STEP"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -242,6 +248,7 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     first_bad = torch.full((), total_steps + 1, device=device)
     freeze_whiten_bias = state.epoch >= config.whiten_bias_epochs
+    kill_after_step = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
     bar = tqdm(
         total=steps * config.batch_size,
         unit="img",
@@ -269,6 +276,8 @@ def train_one_epoch(
                 state.lookahead.update(state.model, state.step, total_steps)
             if state.ema:
                 state.ema.update_parameters(state.model)
+            if state.step == kill_after_step:
+                os.kill(os.getpid(), signal.SIGKILL)
             if (i + 1) % SYNC_EVERY == 0 or i + 1 == steps:
                 if scaler is not None and scaler.get_scale() < MIN_FP16_LOSS_SCALE:
                     first_bad = torch.minimum(first_bad, torch.tensor(state.step, device=device))
