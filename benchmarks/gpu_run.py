@@ -242,12 +242,23 @@ def main(argv: list[str] | None = None) -> int:
     work = base / f"run-{results['started_utc'].replace(':', '')}"  # a reused --work-dir gets fresh run folders
     cache_dir = args.cache_dir or (None if args.dry_run else str(base / "cache" / "resnet-cifar"))
     context = gpu_steps.Context(
-        session=session, plan=plan, repo=REPO, out=args.out, work=work,
-        data=str(Path(args.data).resolve()), peer=Path(args.peer).resolve(), cache_dir=cache_dir,
-    )  # fmt: skip
+        session=session,
+        plan=plan,
+        repo=REPO,
+        out=args.out,
+        work=work,
+        data=str(Path(args.data).resolve()),
+        peer=Path(args.peer).resolve(),
+        cache_dir=cache_dir,
+    )
     results.update(inputs=gpu_steps.describe_inputs(context), work_dir=str(work))
-    log.info("gpu_run: %s, budget %.0f s, out %s, work %s", "DRY RUN (CPU, toy size)" if args.dry_run else "GPU",
-             args.budget_s, args.out, work)  # fmt: skip
+    log.info(
+        "gpu_run: %s, budget %.0f s, out %s, work %s",
+        "DRY RUN (CPU, toy size)" if args.dry_run else "GPU",
+        args.budget_s,
+        args.out,
+        work,
+    )
     try:
         for step, function in zip(STEPS, gpu_steps.STEP_FUNCTIONS, strict=True):
             session.run_step(step, lambda record, deadline, function=function: function(context, record, deadline))

@@ -33,8 +33,17 @@ log = logging.getLogger("gpu_run")
 # A step's status; PARTIAL: it ran and passed, but some of its runs did not fit the budget (see its record);
 # INTERRUPTED: the run itself was stopped (SIGTERM, Ctrl-C) during the step.
 PENDING, RUNNING, PASSED, PARTIAL, FAILED, TIMEOUT, SKIPPED, ERROR, NOT_RUN, INTERRUPTED = (
-    "pending", "running", "passed", "partial", "failed", "timeout", "skipped", "error", "not_run", "interrupted",
-)  # fmt: skip
+    "pending",
+    "running",
+    "passed",
+    "partial",
+    "failed",
+    "timeout",
+    "skipped",
+    "error",
+    "not_run",
+    "interrupted",
+)
 KILL_GRACE_S = 15  # after SIGTERM, before SIGKILL
 LEFTOVER_WAIT_S = 5  # for the end of a finished subprocess's output; longer: a process it left behind holds it
 OUTPUT_KEPT_LINES = 20_000  # of a subprocess's output, for parsing (all of it goes to the log as it comes)
@@ -125,9 +134,17 @@ def run_command(command: list[str], *, timeout_s: float, env: dict, cwd: Path) -
     start = time.monotonic()
     kept: collections.deque[str] = collections.deque(maxlen=OUTPUT_KEPT_LINES)
     process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        text=True, errors="replace", bufsize=1, start_new_session=True,
-    )  # fmt: skip
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        start_new_session=True,
+    )
     log.info("$ %s   (pid %d, timeout %.0f s, in %s)", " ".join(command), process.pid, timeout_s, cwd)
 
     def pump() -> None:
@@ -203,8 +220,9 @@ class Session:
             self.write()
             return
         record.update(status=RUNNING, started_utc=utc_now(), allowed_s=round(available, 1))
-        log.info("=== step %d: %s (up to %.0f s; %.0f s of the budget left)", step.number, step.title, available,
-                 remaining)  # fmt: skip
+        log.info(
+            "=== step %d: %s (up to %.0f s; %.0f s of the budget left)", step.number, step.title, available, remaining
+        )
         self.write()
         start = time.monotonic()
         try:
@@ -223,6 +241,11 @@ class Session:
             raise
         finally:
             record["seconds"] = round(time.monotonic() - start, 2)
-            log.info("=== step %d: %s in %.1f s%s", step.number, record["status"], record["seconds"],
-                     f" ({record['reason']})" if record.get("reason") else "")  # fmt: skip
+            log.info(
+                "=== step %d: %s in %.1f s%s",
+                step.number,
+                record["status"],
+                record["seconds"],
+                f" ({record['reason']})" if record.get("reason") else "",
+            )
             self.write()

@@ -85,8 +85,15 @@ class Context:
             env["XDG_CACHE_HOME"] = str(Path(self.cache_dir).parent)
         return {**env, **(extra or {})}
 
-    def run(self, command: list[str], deadline: Deadline, *, cwd: Path | None = None, env: dict | None = None,
-            cap_s: float | None = None) -> Completed:  # fmt: skip
+    def run(
+        self,
+        command: list[str],
+        deadline: Deadline,
+        *,
+        cwd: Path | None = None,
+        env: dict | None = None,
+        cap_s: float | None = None,
+    ) -> Completed:
         timeout = deadline.left() if cap_s is None else min(cap_s, deadline.left())
         return run_command(command, timeout_s=timeout, env=self.env(env), cwd=cwd or self.repo)
 
@@ -142,17 +149,26 @@ def summarize_report(report: dict) -> dict:
     """A trainer report's figures, in the results' units."""
     env, timing = report["environment"], report["timing"]
     summary = {
-        "model": report["model"], "parameters": report["parameters"], "seed": report["config"]["seed"],
-        "epochs": report["epochs"], "steps": report["steps"], "batch_size": report["config"]["batch_size"],
-        "train_images": report["data"]["train"], "val_images": report["data"]["val"],
-        "test_pct": _pct(report["test"]["accuracy"]), "test_tta_pct": _pct(report["test_tta"]["accuracy"]),
+        "model": report["model"],
+        "parameters": report["parameters"],
+        "seed": report["config"]["seed"],
+        "epochs": report["epochs"],
+        "steps": report["steps"],
+        "batch_size": report["config"]["batch_size"],
+        "train_images": report["data"]["train"],
+        "val_images": report["data"]["val"],
+        "test_pct": _pct(report["test"]["accuracy"]),
+        "test_tta_pct": _pct(report["test_tta"]["accuracy"]),
         "tta_level": report["test_tta"]["level"],
         "val_pct": _pct(report["val"]["accuracy"]) if "val" in report else None,
         **{key: round(value, 3) for key, value in timing.items()},
-        "train_images_per_s": report["train_images_per_s"], "device": env["device"],
-        "device_name": env["device_name"], "precision": env["precision"], "world_size": env["world_size"],
+        "train_images_per_s": report["train_images_per_s"],
+        "device": env["device"],
+        "device_name": env["device_name"],
+        "precision": env["precision"],
+        "world_size": env["world_size"],
         "process_group": env.get("process_group"),
-    }  # fmt: skip
+    }
     return summary
 
 
@@ -209,10 +225,12 @@ def step_environment(ctx: Context, record: dict, deadline: Deadline) -> None:
     gpu = environment["gpus"][0] if environment["gpus"] else None
     record.update(gpu=gpu, versions=environment["versions"])
     ctx.session.results["summary"]["machine"] = {
-        "gpu": gpu["name"] if gpu else None, "gpu_memory_gib": gpu["memory_gib"] if gpu else None,
-        "cpu": environment["cpu"], "cpu_cores": environment["cpu_cores"],
+        "gpu": gpu["name"] if gpu else None,
+        "gpu_memory_gib": gpu["memory_gib"] if gpu else None,
+        "cpu": environment["cpu"],
+        "cpu_cores": environment["cpu_cores"],
         **{name: environment["versions"][name] for name in ("python", "torch", "cuda", "cudnn")},
-    }  # fmt: skip
+    }
     ctx.session.write()
     if ctx.plan.device == "cuda" and not environment["cuda_available"]:
         raise StepFailed("CUDA is not available here (torch.cuda.is_available() is False)")
@@ -306,8 +324,9 @@ def step_versus_airbench(ctx: Context, record: dict, deadline: Deadline) -> None
         name = f"fast-seed{seed}"
         estimate = ctx.estimate(name, ctx.plan.fast_args, seed)
         if estimate is not None and estimate > FIT_MARGIN * deadline.left():
-            runs.append({"name": name, "status": SKIPPED, "reason": f"estimated {estimate:.0f} s, "
-                         f"{deadline.left():.0f} s left"})  # fmt: skip
+            runs.append(
+                {"name": name, "status": SKIPPED, "reason": f"estimated {estimate:.0f} s, {deadline.left():.0f} s left"}
+            )
             break
         runs.append(ctx.fit(name, ctx.plan.fast_args, deadline, seed=seed))
         ctx.session.write()
@@ -336,8 +355,9 @@ def step_ceiling(ctx: Context, record: dict, deadline: Deadline) -> None:
     record.update(requested_epochs=config.epochs, fitting_epochs=fitting)
     if fitting is not None and fitting < config.epochs:
         if fitting < CEILING_MIN_FRACTION * config.epochs:
-            raise StepSkipped(f"only {fitting} of {config.epochs:g} epochs of {config.model} fit in the "
-                              f"{deadline.left():.0f} s left")  # fmt: skip
+            raise StepSkipped(
+                f"only {fitting} of {config.epochs:g} epochs of {config.model} fit in the {deadline.left():.0f} s left"
+            )
         args += ["--epochs", str(fitting)]
         reason = f"shortened from {config.epochs:g} to {fitting} epochs to fit the {deadline.left():.0f} s left"
         record.update(status=PARTIAL, reason=reason)
@@ -370,8 +390,14 @@ def step_bundle(ctx: Context, record: dict, deadline: Deadline) -> None:
         name = f"bundle-select-{epochs:g}ep"
         estimates = (ctx.estimate(name, select), ctx.estimate("bundle", final))
         if None not in estimates and sum(estimates) > FIT_MARGIN * deadline.left():
-            candidates.append({"name": name, "epochs": epochs, "status": SKIPPED, "reason": f"it and its retraining "
-                               f"need ~{sum(estimates):.0f} s, {deadline.left():.0f} s left"})  # fmt: skip
+            candidates.append(
+                {
+                    "name": name,
+                    "epochs": epochs,
+                    "status": SKIPPED,
+                    "reason": f"it and its retraining need ~{sum(estimates):.0f} s, {deadline.left():.0f} s left",
+                }
+            )
             break
         candidates.append({"epochs": epochs, **ctx.fit(name, select, deadline)})
         ctx.session.write()
@@ -394,16 +420,21 @@ def step_bundle(ctx: Context, record: dict, deadline: Deadline) -> None:
     ceiling = ctx.session.results["summary"].get("ceiling")
     difference = run["test_pct"] - ceiling["test_pct"] if ceiling else None
     summary = ctx.session.results["summary"]["bundle"] = {
-        "model": run["model"], "epochs": run["epochs"], "test_pct": run["test_pct"], "test_tta_pct": run["test_tta_pct"],
+        "model": run["model"],
+        "epochs": run["epochs"],
+        "test_pct": run["test_pct"],
+        "test_tta_pct": run["test_tta_pct"],
         "onnx_fp32_bytes_estimate": loaded["fp32_weight_bytes"],
         "onnx_within_16mb": loaded["fp32_weight_bytes"] <= SIZE_LIMIT_BYTES,
-        "model_pt_bytes": loaded["model_pt_bytes"], "file": BUNDLE_NAME,
+        "model_pt_bytes": loaded["model_pt_bytes"],
+        "file": BUNDLE_NAME,
         "ceiling_test_pct": ceiling["test_pct"] if ceiling else None,
         "difference_to_ceiling_pts": None if difference is None else round(difference, 3),
         "target": f"test accuracy (no TTA) within {CEILING_TOLERANCE_PTS} point of the ceiling, ONNX <= 16 MB",
-        "target_met": None if difference is None or ctx.plan.device != "cuda"  # a dry run's toy figures judge nothing
+        "target_met": None
+        if difference is None or ctx.plan.device != "cuda"  # a dry run's toy figures judge nothing
         else difference >= -CEILING_TOLERANCE_PTS and loaded["fp32_weight_bytes"] <= SIZE_LIMIT_BYTES,
-    }  # fmt: skip
+    }
     if not summary["onnx_within_16mb"]:
         raise StepFailed(f"{run['model']}'s fp32 weights are {loaded['fp32_weight_bytes']:,} bytes, over 16 MB")
 
@@ -418,8 +449,10 @@ def step_nccl(ctx: Context, record: dict, deadline: Deadline) -> None:
         raise StepFailed(f"the torchrun run did not finish: {run['reason']}")
     expected = "nccl" if ctx.plan.device == "cuda" else "gloo"
     if run["process_group"] != expected or run["world_size"] != 1:
-        raise StepFailed(f"expected one rank in a {expected} group, the report says {run['world_size']} rank(s), "
-                         f"process group {run['process_group']!r}")  # fmt: skip
+        raise StepFailed(
+            f"expected one rank in a {expected} group, the report says {run['world_size']} rank(s), "
+            f"process group {run['process_group']!r}"
+        )
 
 
 STEP_FUNCTIONS = (step_environment, step_smoke, step_versus_airbench, step_ceiling, step_bundle, step_nccl)

@@ -101,8 +101,11 @@ def run_fit(out: Path, args: argparse.Namespace, flags: list[str], test: tuple[t
         "environment": report["environment"],
         "curve": curve,
     }
-    print(f"  -> test {100 * row['test_accuracy']:.2f}% (TTA {100 * row['test_accuracy_tta']:.2f}%), {wall:.0f} s wall, "
-          f"{row['timing']['train_s']:.0f} s training, {row['train_images_per_s']:.0f} train img/s", flush=True)  # fmt: skip
+    print(
+        f"  -> test {100 * row['test_accuracy']:.2f}% (TTA {100 * row['test_accuracy_tta']:.2f}%), {wall:.0f} s wall, "
+        f"{row['timing']['train_s']:.0f} s training, {row['train_images_per_s']:.0f} train img/s",
+        flush=True,
+    )
     return row
 
 
@@ -119,11 +122,14 @@ def epoch_curve(out: Path, metrics: list[dict], report: dict, test, device: str)
         model.load_state_dict(state.weights)
         mean, std = (torch.tensor(state.normalization[k]) for k in ("mean", "std"))
         plain, with_tta = predict_logits(model.to(device), images.to(device), mean.to(device), std.to(device), tta=tta)
-        points.append({
-            "epoch": row["epoch"], "wall_s": row["wall_time_s"],
-            "test_accuracy": float((plain.argmax(1) == labels).float().mean()),
-            "test_accuracy_tta": float((with_tta.argmax(1) == labels).float().mean()),
-        })  # fmt: skip
+        points.append(
+            {
+                "epoch": row["epoch"],
+                "wall_s": row["wall_time_s"],
+                "test_accuracy": float((plain.argmax(1) == labels).float().mean()),
+                "test_accuracy_tta": float((with_tta.argmax(1) == labels).float().mean()),
+            }
+        )
     return points
 
 
@@ -151,8 +157,11 @@ def time_to(curve: list[dict], target: float, key: str = "test_accuracy_tta") ->
 def summarize(rows: list[dict]) -> dict:
     def stats(key: str) -> dict:
         values = [r[key] for r in rows]
-        return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "values": values}  # fmt: skip
+        return {
+            "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values,
+        }
 
     curve = mean_curve(rows)
     summary = {k: stats(k) for k in ("test_accuracy", "test_accuracy_tta", "process_wall_s", "train_images_per_s")}
@@ -163,8 +172,11 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def stats_of(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}  # fmt: skip
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
 
 
 def plot(payload: dict, path: Path) -> None:
@@ -183,13 +195,21 @@ def plot(payload: dict, path: Path) -> None:
         label = f"{block['label']} (mean of {n} seed{'s' * (n > 1)}, TTA)"
         ax.plot([p["wall_s"] / 60 for p in curve], [100 * p["test_accuracy_tta"] for p in curve], style, label=label)
     for run in payload.get("budgets", []):
-        ax.plot(run["process_wall_s"] / 60, 100 * run["test_accuracy_tta"], "D", markersize=8,
-                label=f"{run['model']} {run['epochs']:g} epochs, {run['budget_s'] / 60:g}-minute budget (seed 0)")  # fmt: skip
+        ax.plot(
+            run["process_wall_s"] / 60,
+            100 * run["test_accuracy_tta"],
+            "D",
+            markersize=8,
+            label=f"{run['model']} {run['epochs']:g} epochs, {run['budget_s'] / 60:g}-minute budget (seed 0)",
+        )
     ax.axhline(90, color="gray", linestyle=":", linewidth=1)
     ax.axvline(15, color="gray", linestyle=":", linewidth=1)
     ax.text(15.2, ax.get_ylim()[0] + 1, "15 min", color="gray", fontsize=8)
-    ax.set(xlabel="wall time from launch (minutes)", ylabel="test accuracy with TTA (%)",
-           title=f"CIFAR-10 (JPEG copy) on {payload['environment']['cpu']}, {payload['environment']['cores']} cores")  # fmt: skip
+    ax.set(
+        xlabel="wall time from launch (minutes)",
+        ylabel="test accuracy with TTA (%)",
+        title=f"CIFAR-10 (JPEG copy) on {payload['environment']['cpu']}, {payload['environment']['cores']} cores",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -208,15 +228,20 @@ def print_tables(payload: dict) -> None:
         block = payload[name]
         s, first = block["summary"], block["runs"][0]
         reach = [s["time_to_tta_s"][f"{t:.2f}"] for t in TARGETS[:2]]
-        print(f"| {block['label']}, mean ± sd of {len(block['runs'])} seeds | {first['epochs']:g} "
-              f"| {100 * s['test_accuracy']['mean']:.2f} ± {100 * s['test_accuracy']['std']:.2f}% "
-              f"| {100 * s['test_accuracy_tta']['mean']:.2f} ± {100 * s['test_accuracy_tta']['std']:.2f}% "
-              f"| {s['process_wall_s']['mean']:.0f} s | {s['train_s']['mean']:.0f} s | {s['train_images_per_s']['mean']:.0f} "
-              + "".join(f"| {r:.0f} s " if r is not None else "| - " for r in reach) + "|")  # fmt: skip
+        print(
+            f"| {block['label']}, mean ± sd of {len(block['runs'])} seeds | {first['epochs']:g} "
+            f"| {100 * s['test_accuracy']['mean']:.2f} ± {100 * s['test_accuracy']['std']:.2f}% "
+            f"| {100 * s['test_accuracy_tta']['mean']:.2f} ± {100 * s['test_accuracy_tta']['std']:.2f}% "
+            f"| {s['process_wall_s']['mean']:.0f} s | {s['train_s']['mean']:.0f} s | {s['train_images_per_s']['mean']:.0f} "
+            + "".join(f"| {r:.0f} s " if r is not None else "| - " for r in reach)
+            + "|"
+        )
     for run in payload.get("budgets", []):
-        print(f"| {run['model']}, {run['budget_s'] / 60:g}-minute budget, seed 0 | {run['epochs']:g} "
-              f"| {100 * run['test_accuracy']:.2f}% | {100 * run['test_accuracy_tta']:.2f}% | {run['process_wall_s']:.0f} s "
-              f"| {run['timing']['train_s']:.0f} s | {run['train_images_per_s']:.0f} | | |")  # fmt: skip
+        print(
+            f"| {run['model']}, {run['budget_s'] / 60:g}-minute budget, seed 0 | {run['epochs']:g} "
+            f"| {100 * run['test_accuracy']:.2f}% | {100 * run['test_accuracy_tta']:.2f}% | {run['process_wall_s']:.0f} s "
+            f"| {run['timing']['train_s']:.0f} s | {run['train_images_per_s']:.0f} | | |"
+        )
 
 
 # ------------------------------------------------------------------ main

@@ -76,16 +76,25 @@ def main(argv: list[str] | None = None) -> int:
             # Emulated bf16 is ~15x slower: one short timed step is enough to show it.
             steps, repeats = (1, 1) if precision == "bf16" and not native else (args.steps, args.repeats)
             rates = training_images_per_second(name, precision, args.batch_size, steps, repeats)
-            rows.append({"model": name, "parameters": count_parameters(build_model(name)), "precision": precision,
-                         "images_per_s": statistics.median(rates), "runs": rates})  # fmt: skip
+            rows.append(
+                {
+                    "model": name,
+                    "parameters": count_parameters(build_model(name)),
+                    "precision": precision,
+                    "images_per_s": statistics.median(rates),
+                    "runs": rates,
+                }
+            )
             print(f"{name:<18} {precision:<5} {statistics.median(rates):8.1f} img/s", flush=True)
 
     env = environment_info(torch.device("cpu"), torch.get_num_threads(), 1, "fp32") | {"native_bf16": native}
     payload = {"date": datetime.date.today().isoformat(), "config": vars(args), "environment": env, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\n{payload['date']}, {env['device_name']}, {env['torch_threads']} threads, native bf16: {native}, "
-          f"batch {args.batch_size}, median of {args.repeats} x {args.steps} steps\n")  # fmt: skip
+    print(
+        f"\n{payload['date']}, {env['device_name']}, {env['torch_threads']} threads, native bf16: {native}, "
+        f"batch {args.batch_size}, median of {args.repeats} x {args.steps} steps\n"
+    )
     print("| model | params | " + " | ".join(f"{p} img/s" for p in precisions) + " |")
     print("|---|---:|" + "---:|" * len(precisions))
     for name in args.models:

@@ -32,9 +32,19 @@ PREPROCESS_RULES = {
 }
 OPTIONAL_RULES = ("large_jpeg",)  # absent from manifests written before it was recorded: the same behaviour
 CONTRACT_KEYS = (
-    "version", "input_name", "layout", "dtype", "shape", "color_order", "value_range", "pixel_divisor",
-    "normalization_in_graph", "normalization", "preprocess", "output_name",
-)  # fmt: skip
+    "version",
+    "input_name",
+    "layout",
+    "dtype",
+    "shape",
+    "color_order",
+    "value_range",
+    "pixel_divisor",
+    "normalization_in_graph",
+    "normalization",
+    "preprocess",
+    "output_name",
+)
 
 
 def input_contract(mean: list[float], std: list[float]) -> dict:

@@ -135,18 +135,22 @@ class Api:
             read = self._read_raw_image
         else:
             return await send_error(
-                send, 415, f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data with "
+                send,
+                415,
+                f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data with "
                 "image files in the field 'images', or one image as the body with Content-Type image/*",
-            )  # fmt: skip
+            )
         await self._handle(scope, receive, send, self.upload_limits, read)
 
     async def classify_pixels(self, scope: dict, receive: Receive, send: Send) -> None:
         content_type = (_header(scope, b"content-type") or b"").decode("latin-1")
         if content_type.split(";")[0].strip().lower() != "application/json":
             return await send_error(
-                send, 415, f'content type {content_type or "none"!r} is not accepted; send application/json '
+                send,
+                415,
+                f"content type {content_type or 'none'!r} is not accepted; send application/json "
                 '{"pixels": [...], "k": 3}',
-            )  # fmt: skip
+            )
         await self._handle(scope, receive, send, self.json_limits, self._read_pixels)
 
     async def _handle(self, scope: dict, receive: Receive, send: Send, limits: BodyLimits, read) -> None:

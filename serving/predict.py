@@ -169,8 +169,11 @@ def evaluate(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m serving.predict", description=__doc__.split("\n\n")[0],
-                                     epilog="Exit status: 0 all good, 1 some files skipped, 2 bad usage or model.")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.predict",
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit status: 0 all good, 1 some files skipped, 2 bad usage or model.",
+    )
     parser.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders or glob patterns")
     parser.add_argument("--model", help="exported model folder (default: $CLASSIFIER_MODEL or exported_models/default)")
     parser.add_argument(

@@ -111,8 +111,13 @@ class Classifier:
                 )
             if time.monotonic() - start >= SETTINGS.warmup_s:
                 break
-        log.info("model %s (%s, %d threads) warmed up in %.1f s", MODEL.name, SETTINGS.backend, SETTINGS.threads,
-                 time.monotonic() - start)  # fmt: skip
+        log.info(
+            "model %s (%s, %d threads) warmed up in %.1f s",
+            MODEL.name,
+            SETTINGS.backend,
+            SETTINGS.threads,
+            time.monotonic() - start,
+        )
         # Everything loaded so far (BentoML, pydantic, ONNX Runtime) moves to the permanent generation, so the
         # collector stops re-walking it: p99 at concurrency 32 fell from ~260 to ~200 ms (load benchmark).
         gc.collect()
@@ -170,8 +175,10 @@ def _note_worker_start() -> None:
     if previous and previous != os.getpid():
         log.warning(
             "worker %s (pid %d) ended without shutting down (killed or crashed); pid %d replaces it",
-            bentoml.server_context.worker_index, previous, os.getpid(),
-        )  # fmt: skip
+            bentoml.server_context.worker_index,
+            previous,
+            os.getpid(),
+        )
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(previous)  # drop its live gauges from /metrics

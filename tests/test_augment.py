@@ -211,9 +211,16 @@ def _decode(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _batches(images: torch.Tensor, labels: torch.Tensor, **overrides) -> list[tuple[torch.Tensor, torch.Tensor]]:
     options = dict(
-        batch_size=64, epoch=0, seed=0, mean=MEAN, std=STD, translate=2, flip="random",
-        flip_bits=torch.zeros(len(images), dtype=torch.bool, device=DEVICE), cutout_size=8,
-    )  # fmt: skip
+        batch_size=64,
+        epoch=0,
+        seed=0,
+        mean=MEAN,
+        std=STD,
+        translate=2,
+        flip="random",
+        flip_bits=torch.zeros(len(images), dtype=torch.bool, device=DEVICE),
+        cutout_size=8,
+    )
     return list(train_batches(images, labels, **{**options, **overrides}))
 
 
@@ -290,8 +297,9 @@ def test_train_batches_alternating_flip_mirrors_each_image_every_other_epoch() -
     flipped_in: list[dict[int, bool]] = []
     for epoch in range(3):
         seen = {}
-        for inputs, _ in _batches(images, labels, epoch=epoch, translate=0, cutout_size=0, flip="alternating",
-                                  flip_bits=flip_bits):  # fmt: skip
+        for inputs, _ in _batches(
+            images, labels, epoch=epoch, translate=0, cutout_size=0, flip="alternating", flip_bits=flip_bits
+        ):
             indices, _ = _decode(inputs[..., :16])  # channels 0/1 are constant: decode from the left half
             for index, left, right in zip(indices.tolist(), inputs[:, 2, 0, 0], inputs[:, 2, 0, -1], strict=True):
                 seen[index] = bool(left > right)

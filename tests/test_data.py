@@ -98,7 +98,10 @@ def _load(source: Path, tmp_path: Path, **kwargs) -> Dataset:
 
 def _assert_tree_matches(data: Dataset, written: dict) -> None:
     assert data.class_names == TREE_CLASSES
-    for split, images, labels in (("train", data.train_images, data.train_labels), ("test", data.test_images, data.test_labels)):  # fmt: skip
+    for split, images, labels in (
+        ("train", data.train_images, data.train_labels),
+        ("test", data.test_images, data.test_labels),
+    ):
         expected = [(label, image) for label, name in enumerate(TREE_CLASSES) for image in written[split][name]]
         assert images.dtype == np.uint8 and images.shape == (len(expected), 32, 32, 3)
         assert labels.dtype == np.int64
@@ -120,8 +123,10 @@ def test_load_dataset_reads_the_official_layout(tmp_path: Path, where: str) -> N
         "batches_folder": batches,
         "parent_folder": batches.parent,
         "tar_gz": lambda: _tar(batches, archive_dir / "my-copy.tar.gz", "cifar-10-batches-py"),
-        "folder_holding_tar_gz": lambda: _tar(batches, archive_dir / "cifar-10-python.tar.gz", "cifar-10-batches-py").parent,
-    }[where]  # fmt: skip
+        "folder_holding_tar_gz": lambda: (
+            _tar(batches, archive_dir / "cifar-10-python.tar.gz", "cifar-10-batches-py").parent
+        ),
+    }[where]
     data = _load(source() if callable(source) else source, tmp_path)
     assert data.class_names == OFFICIAL_CLASSES and data.num_classes == 10
     np.testing.assert_array_equal(data.train_images, train_x)

@@ -1,4 +1,4 @@
-"""Training mechanics (trainer/engine.py and trainer.fit.warm_up), in process on tiny tensors.
+"""Training mechanics (trainer/engine.py, warm_up included), in process on tiny tensors.
 
 The lr schedule (warm-up, decay, final ratio), the optimizer's parameter groups (the BatchNorm-shift lr
 multiplier, the whitening bias frozen after its epochs), lookahead and EMA weight averaging (and that the
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from trainer_helpers import assert_bitwise_equal
 
-import trainer.fit as fit
+import trainer.engine as engine
 from trainer.checkpoint import TrainingCheckpoint, save_checkpoint
 from trainer.config import RECIPES, TrainConfig
 from trainer.distributed import Runtime
@@ -71,9 +71,19 @@ def _step(state, batch) -> None:
 
 def _epoch(state, config: TrainConfig, batches, total_steps: int, num_epochs: int) -> None:
     train_one_epoch(
-        state, state.model, iter(batches), steps=len(batches), total_steps=total_steps, num_epochs=num_epochs,
-        config=config, runtime=CPU, precision="fp32", scaler=None, checkpoint_hint="", timer=DeviceTimer(CPU.device),
-    )  # fmt: skip
+        state,
+        state.model,
+        iter(batches),
+        steps=len(batches),
+        total_steps=total_steps,
+        num_epochs=num_epochs,
+        config=config,
+        runtime=CPU,
+        precision="fp32",
+        scaler=None,
+        checkpoint_hint="",
+        timer=DeviceTimer(CPU.device),
+    )
 
 
 def _parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -262,11 +272,23 @@ def test_train_one_epoch_updates_the_ema_every_step() -> None:
 def test_export_takes_the_ema_weights_of_a_checkpoint(tmp_path: Path) -> None:
     trained, averaged = build_model("baseline_cnn"), build_model("baseline_cnn")
     checkpoint = TrainingCheckpoint(
-        model_name="baseline_cnn", class_names=CLASSES, normalization={"mean": [0.5] * 3, "std": [0.25] * 3},
-        model=trained.state_dict(), ema=averaged.state_dict(), ema_n_averaged=7, lookahead=None, optimizer={},
-        step=7, epoch=1, total_steps=7, finished=True, rng={}, config=dataclasses.asdict(_config()), commands=[],
+        model_name="baseline_cnn",
+        class_names=CLASSES,
+        normalization={"mean": [0.5] * 3, "std": [0.25] * 3},
+        model=trained.state_dict(),
+        ema=averaged.state_dict(),
+        ema_n_averaged=7,
+        lookahead=None,
+        optimizer={},
+        step=7,
+        epoch=1,
+        total_steps=7,
+        finished=True,
+        rng={},
+        config=dataclasses.asdict(_config()),
+        commands=[],
         timer={},
-    )  # fmt: skip
+    )
     save_checkpoint(checkpoint, tmp_path / "run" / "checkpoint.pt")
     save_checkpoint(checkpoint.model_checkpoint(), tmp_path / "model.pt")  # what fit writes as model.pt
     for source in (tmp_path / "run", tmp_path / "model.pt"):
@@ -279,7 +301,7 @@ def test_export_takes_the_ema_weights_of_a_checkpoint(tmp_path: Path) -> None:
 
 
 def _warm_up(state, config: TrainConfig, batch) -> None:
-    fit.warm_up(state.model, state, batch, config, CPU, "fp32")
+    engine.warm_up(state.model, state, batch, config, CPU, "fp32")
 
 
 @pytest.mark.parametrize("trained_before", [0, 2], ids=["fresh-optimizer", "with-momentum"])
@@ -295,15 +317,15 @@ def test_warm_up_leaves_model_and_optimizer_bitwise_unchanged(
     optimizer_before = copy.deepcopy(state.optimizer.state_dict())
 
     steps_seen = []
-    real_step = fit.train_step
+    real_step = engine.train_step
 
     def counting_step(*args, **kwargs):
         steps_seen.append(_parameters(state.model))
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(fit, "train_step", counting_step)
+    monkeypatch.setattr(engine, "train_step", counting_step)
     _warm_up(state, config, _batches(1, seed=2)[0])
-    assert len(steps_seen) == fit.WARMUP_STEPS >= 2
+    assert len(steps_seen) == engine.WARMUP_STEPS >= 2
     trained = {k for k in steps_seen[0] if not torch.equal(steps_seen[-1][k], steps_seen[0][k])}
     assert "head.weight" in trained, "the warm-up steps must really train (else this test proves nothing)"
     assert_bitwise_equal(state.model.state_dict(), model_before, "model after warm-up")

@@ -41,7 +41,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FP32_KINDS = ("onnx", "torchscript", "torch_export")
 BATCH_SIZES = (1, 7, 64)
-ARTIFACT_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "onnx_int8": "model.int8.onnx", "torch_export": "model.pt2"}  # fmt: skip
+ARTIFACT_FILES = {
+    "onnx": "model.onnx",
+    "torchscript": "model.ts",
+    "onnx_int8": "model.int8.onnx",
+    "torch_export": "model.pt2",
+}
 Runner = Callable[[np.ndarray], np.ndarray]
 
 
@@ -293,15 +298,21 @@ def _write_torchscript_with_a_changed_buffer(model: nn.Module, path: Path) -> No
     REAL_WRITERS["torchscript"](altered, path)
 
 
-ALTERED_WRITERS = {"onnx": ("export_onnx", _write_then_nudge_onnx),
-                   "torchscript": ("export_torchscript", _write_torchscript_with_a_changed_buffer)}  # fmt: skip
+ALTERED_WRITERS = {
+    "onnx": ("export_onnx", _write_then_nudge_onnx),
+    "torchscript": ("export_torchscript", _write_torchscript_with_a_changed_buffer),
+}
 
 
 @pytest.mark.parametrize("kind", sorted(ALTERED_WRITERS))
 def test_export_main_exits_3_when_an_artifact_differs_from_the_eager_model(
-    kind: str, cnn_run: Path, shared_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    cnn_run: Path,
+    shared_archive: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     """The gate loads each artifact as written and compares it with the eager model: an artifact that differs
     (ONNX weights nudged after writing; TorchScript with a changed buffer) fails the export with exit status 3,
     naming the artifact and the batch size, and nothing is written."""
@@ -386,12 +397,21 @@ def _reshape_key(state: dict) -> None:
 
 
 EDITS: dict[str, tuple[Callable[[dict], None], str]] = {
-    "unknown_architecture": (lambda s: s.update(model_name="resnet1000"), "holds architecture 'resnet1000', which this version does not know; known: fast_resnet"),
-    "missing_key": (lambda s: s["model"].pop("fc3.bias"), "does not fit architecture 'baseline_cnn': missing ['fc3.bias']"),
-    "renamed_key": (_rename_key, "does not fit architecture 'baseline_cnn': missing ['fc3.weight'], unexpected ['fc3.kernel']"),
+    "unknown_architecture": (
+        lambda s: s.update(model_name="resnet1000"),
+        "holds architecture 'resnet1000', which this version does not know; known: fast_resnet",
+    ),
+    "missing_key": (
+        lambda s: s["model"].pop("fc3.bias"),
+        "does not fit architecture 'baseline_cnn': missing ['fc3.bias']",
+    ),
+    "renamed_key": (
+        _rename_key,
+        "does not fit architecture 'baseline_cnn': missing ['fc3.weight'], unexpected ['fc3.kernel']",
+    ),
     "wrong_shape": (_reshape_key, "does not fit architecture 'baseline_cnn'"),
     "not_a_checkpoint": (lambda s: s.pop("model_name"), "is not a trainer checkpoint"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(EDITS))
@@ -436,9 +456,14 @@ def test_load_trained_model_returns_an_eval_mode_module(cnn_run: Path) -> None:
 def _model_with_train_mode_behaviour() -> nn.Module:
     """BatchNorm with non-trivial running statistics and dropout: train and eval outputs clearly differ."""
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
-    )  # fmt: skip
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
     with torch.no_grad():
         net[1].running_mean.uniform_(-1, 1)
         net[1].running_var.uniform_(0.5, 4)

@@ -159,9 +159,15 @@ def test_gpu_run_help_states_every_default() -> None:
 
 def _peer_row(run: str, epoch: str, acc: float | None, tta: float | None, seconds: float) -> str:
     """One row of airbench94's table, in its format ('|  cell  ' per column, cells right-justified)."""
-    cells = [run.rjust(6), epoch.rjust(5), "2.1000".rjust(10), "0.5000".rjust(9),
-             "" if acc is None else f"{acc:.4f}".rjust(7), "" if tta is None else f"{tta:.4f}".rjust(11),
-             f"{seconds:.4f}".rjust(18)]  # fmt: skip
+    cells = [
+        run.rjust(6),
+        epoch.rjust(5),
+        "2.1000".rjust(10),
+        "0.5000".rjust(9),
+        "" if acc is None else f"{acc:.4f}".rjust(7),
+        "" if tta is None else f"{tta:.4f}".rjust(11),
+        f"{seconds:.4f}".rjust(18),
+    ]
     return "".join(f"|  {cell}  " for cell in cells) + "|"
 
 
@@ -248,8 +254,11 @@ def _session(tmp_path: Path, steps: tuple[Step, ...], total_s: float) -> Session
 
 
 def test_session_skips_a_step_that_does_not_fit_and_records_failures(tmp_path: Path) -> None:
-    steps = (Step(1, "one", "first", reserve_s=1, cap_s=50), Step(2, "two", "second", reserve_s=1000, cap_s=2000),
-             Step(3, "three", "third", reserve_s=20, cap_s=50))  # fmt: skip
+    steps = (
+        Step(1, "one", "first", reserve_s=1, cap_s=50),
+        Step(2, "two", "second", reserve_s=1000, cap_s=2000),
+        Step(3, "three", "third", reserve_s=20, cap_s=50),
+    )
     session = _session(tmp_path, steps, total_s=60)
     # Step one may take what leaves the later steps their reserves (60 - 1000 - 20 < 0): its own reserve.
     session.run_step(steps[0], lambda record, deadline: record.update(allowed_at_most=deadline.left() <= 1))
@@ -269,8 +278,10 @@ def test_session_skips_a_step_that_does_not_fit_and_records_failures(tmp_path: P
 def test_run_command_timeout_ends_the_whole_process_group(tmp_path: Path) -> None:
     setup_logging(tmp_path / "log.txt")
     child = "import time; time.sleep(120)"
-    parent = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
-              "print(p.pid, flush=True); time.sleep(120)")  # fmt: skip
+    parent = (
+        f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+        "print(p.pid, flush=True); time.sleep(120)"
+    )
     completed = run_command([sys.executable, "-c", parent], timeout_s=5, env=dict(os.environ), cwd=tmp_path)
     assert completed.timed_out and completed.returncode is None
     grandchild = int(completed.output.split()[0])
@@ -296,7 +307,11 @@ def test_gpu_checks_result_line_and_a_missing_run() -> None:
     assert parse_result(f"noise\n{RESULT_PREFIX}{json.dumps({'a': 1})}\nmore noise") == {"a": 1}
     assert parse_result("no result") is None
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_checks", "load-on-cpu", "/nonexistent"], cwd=REPO,
-        capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-    )  # fmt: skip
+        [sys.executable, "-m", "benchmarks.gpu_checks", "load-on-cpu", "/nonexistent"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert result.returncode == 1 and "no checkpoint" in result.stderr, result.stderr[-2000:]

@@ -46,9 +46,25 @@ from trainer.models import MODEL_NAMES, build_model
 pytestmark = pytest.mark.slow
 
 CHECKPOINT_KEYS = {
-    "format", "model_name", "num_classes", "class_names", "normalization", "model", "ema", "ema_n_averaged",
-    "lookahead", "optimizer", "step", "epoch", "total_steps", "finished", "rng", "config", "commands", "timer",
-}  # fmt: skip
+    "format",
+    "model_name",
+    "num_classes",
+    "class_names",
+    "normalization",
+    "model",
+    "ema",
+    "ema_n_averaged",
+    "lookahead",
+    "optimizer",
+    "step",
+    "epoch",
+    "total_steps",
+    "finished",
+    "rng",
+    "config",
+    "commands",
+    "timer",
+}
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -255,9 +271,10 @@ def test_fit_fast_resnet_resume_after_sigkill_at_a_seeded_step_is_bitwise_exact(
     reference, run = tmp_path / "reference", tmp_path / "run"
     reference_fit = FitProcess(_fast_resnet_args(small_tree, reference, averaging), tmp_path / "reference.log")
     killed = FitProcess(
-        _fast_resnet_args(small_tree, run, averaging), tmp_path / "killed.log",
+        _fast_resnet_args(small_tree, run, averaging),
+        tmp_path / "killed.log",
         env={KILL_AFTER_STEP_ENV: str(kill_step)},
-    )  # fmt: skip
+    )
     assert killed.wait() == -signal.SIGKILL, f"expected a SIGKILL after step {kill_step}\n{killed.log()}"
     state = load_state(run)
     assert not state["finished"] and state["step"] == state["epoch"] * FAST_STEPS_PER_EPOCH < kill_step
@@ -278,8 +295,10 @@ def test_fit_fast_resnet_resume_after_sigkill_at_a_seeded_step_is_bitwise_exact(
     assert got["ema_n_averaged"] == want["ema_n_averaged"] == (total if averaging == "ema" else 0)
     for row, expected in zip(_metrics(run), _metrics(reference), strict=True):
         assert (row["epoch"], row["train_loss"], row["val_acc"]) == (
-            expected["epoch"], expected["train_loss"], expected["val_acc"],
-        )  # fmt: skip
+            expected["epoch"],
+            expected["train_loss"],
+            expected["val_acc"],
+        )
     report, expected_report = (json.loads((r / "report.json").read_text()) for r in (run, reference))
     assert report["test"] == expected_report["test"]
 
@@ -412,7 +431,7 @@ def test_fit_one_process_torchrun_joins_a_gloo_group(shared_archive: Path, tmp_p
 
 # Measured on the tiny run (40 steps): compiled and eager final weights differ by at most 7.6e-6 (kernel-level
 # float differences); keeping the 3 warm-up steps instead of undoing them (the restore removed from
-# trainer.fit.warm_up) moves every weight tensor by 9.4e-3 to 3.5e-2. The tolerance sits between, a factor of
+# trainer.engine.warm_up) moves every weight tensor by 9.4e-3 to 3.5e-2. The tolerance sits between, a factor of
 # ~13 above the first and ~90 below the second.
 COMPILED_ATOL = 1e-4
 
@@ -431,3 +450,21 @@ def test_fit_compile_trains_the_same_weights_as_eager(shared_archive: Path, tmp_
     for key, value in eager.items():
         worst = (compiled[key] - value).abs().max().item()
         assert worst <= COMPILED_ATOL, f"{key}: compiled and eager weights differ by {worst:.3g}"
+
+
+# ------------------------------------------------------------------ per-epoch weights (time-to-accuracy curves)
+
+
+def test_fit_keep_epoch_weights_writes_each_epochs_evaluation_weights(shared_archive: Path, tmp_path: Path) -> None:
+    from trainer.checkpoint import load_model_checkpoint
+
+    out = tmp_path / "kept"
+    run_module("trainer.fit", *tiny_fit_args(shared_archive, out, "--keep-epoch-weights"))
+    files = sorted((out / "epochs").glob("epoch-*.pt"))
+    assert [f.name for f in files] == [f"epoch-{e:03d}.pt" for e in range(1, TINY_EPOCHS + 1)]
+    first, _ = load_model_checkpoint(files[0])
+    last, _ = load_model_checkpoint(files[-1])
+    final = load_state(out)
+    assert first.step == TINY_STEPS_PER_EPOCH and last.step == final["step"]
+    assert_bitwise_equal(last.weights, final["model"], "the last epoch's kept weights and the final model")
+    assert not torch.equal(first.weights["fc3.weight"], last.weights["fc3.weight"])

@@ -70,6 +70,7 @@ class TrainConfig:
     threads: int = 0  # 0: PyTorch's default (all cores)
     seed: int = 0
     out: str = "runs/latest"
+    keep_epoch_weights: bool = False  # also save each epoch's weights (RUN/epochs/), for time-to-accuracy curves
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
@@ -192,6 +193,8 @@ _HELP = {
     "threads": "CPU threads for PyTorch (0 = default: all cores)",
     "seed": "random seed; CPU runs with the same seed give the same weights",
     "out": "run folder for checkpoint.pt, metrics.jsonl, report.json and plots",
+    "keep_epoch_weights": "also write each epoch's evaluation weights to RUN/epochs/epoch-NNN.pt (a model.pt each, "
+    "scored afterwards by benchmarks/train_targets.py for time-to-accuracy curves)",
 }
 
 

@@ -338,9 +338,13 @@ def _cache_path(path: Path, cache_dir: Path | None) -> Path | None:
 def _read_cache(file: Path, path: Path) -> Dataset:
     with np.load(file, allow_pickle=False) as z:
         return Dataset(
-            z["train_images"], z["train_labels"], z["test_images"], z["test_labels"],
-            tuple(str(n) for n in z["class_names"]), str(path),
-        )  # fmt: skip
+            z["train_images"],
+            z["train_labels"],
+            z["test_images"],
+            z["test_labels"],
+            tuple(str(n) for n in z["class_names"]),
+            str(path),
+        )
 
 
 def _write_cache(file: Path, dataset: Dataset) -> None:
@@ -348,10 +352,12 @@ def _write_cache(file: Path, dataset: Dataset) -> None:
     try:
         np.savez(
             tmp,
-            train_images=dataset.train_images, train_labels=dataset.train_labels,
-            test_images=dataset.test_images, test_labels=dataset.test_labels,
+            train_images=dataset.train_images,
+            train_labels=dataset.train_labels,
+            test_images=dataset.test_images,
+            test_labels=dataset.test_labels,
             class_names=np.asarray(dataset.class_names),
-        )  # fmt: skip
+        )
         os.replace(tmp, file)
     except OSError as err:
         log.warning("could not write data cache %s (%s)", file, err)

@@ -21,6 +21,7 @@ from trainer.precision import autocast
 
 log = logging.getLogger(__name__)
 SYNC_EVERY = 10  # steps between host syncs (progress bar, non-finite check); each sync stalls a GPU
+WARMUP_STEPS = 3  # steps run, then undone, before the timed training (kernel selection, compilation)
 # Fault injection for the resume tests: with TRAINER_KILL_AFTER_STEP=N set, the process SIGKILLs itself right
 # after global step N (no handler runs, nothing is flushed), as a crash or an OOM kill would stop it, at a point
 # a test can choose and reproduce. Unset in normal use.
@@ -263,9 +264,15 @@ def train_one_epoch(
         for i, (inputs, labels) in enumerate(batches):
             lr = set_lr(state.optimizer, lr_factor(state.step, total_steps, config), freeze_whiten_bias)
             loss, batch_correct = train_step(
-                train_model, state.optimizer, inputs, labels, device=device, precision=precision,
-                label_smoothing=config.label_smoothing, scaler=scaler,
-            )  # fmt: skip
+                train_model,
+                state.optimizer,
+                inputs,
+                labels,
+                device=device,
+                precision=precision,
+                label_smoothing=config.label_smoothing,
+                scaler=scaler,
+            )
             finite = torch.isfinite(loss)
             if scaler is None:
                 first_bad = torch.minimum(first_bad, torch.where(finite, total_steps + 1, state.step))
@@ -301,3 +308,36 @@ def train_one_epoch(
         seconds=seconds,
         images=steps * config.batch_size,
     )
+
+
+def warm_up(train_model, state: TrainState, batch, config: TrainConfig, runtime: Runtime, precision: str) -> float:
+    """Run WARMUP_STEPS real training steps (cuDNN's algorithm search, torch.compile's compilation, first-call
+    allocations), then restore the model and optimizer: the timed training starts warm and unchanged."""
+    start = time.perf_counter()
+    saved_model = {k: v.clone() for k, v in state.model.state_dict().items()}
+    saved_optimizer = _clone_optimizer_state(state.optimizer.state_dict())
+    for _ in range(WARMUP_STEPS):
+        train_step(
+            train_model,
+            state.optimizer,
+            *batch,
+            device=runtime.device,
+            precision=precision,
+            label_smoothing=config.label_smoothing,
+            scaler=None,
+        )
+    state.model.load_state_dict(saved_model)
+    state.optimizer.load_state_dict(saved_optimizer)
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
+    return time.perf_counter() - start
+
+
+def _clone_optimizer_state(state: dict) -> dict:
+    def clone(value):
+        return value.clone() if torch.is_tensor(value) else value
+
+    return {
+        "state": {key: {name: clone(v) for name, v in entry.items()} for key, entry in state["state"].items()},
+        "param_groups": state["param_groups"],
+    }

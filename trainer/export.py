@@ -110,9 +110,17 @@ def export_onnx(model: torch.nn.Module, path: Path, opset: int = OPSET) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)
         torch.onnx.export(
-            model, (example,), str(path), dynamo=True, opset_version=opset, external_data=False,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes={"image": {0: batch}}, verbose=False,
-        )  # fmt: skip
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            opset_version=opset,
+            external_data=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"image": {0: batch}},
+            verbose=False,
+        )
     proto = onnx.load(str(path))
     got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if got != opset:  # asking for < 18 silently yields 18
@@ -160,9 +168,15 @@ def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> None:
     # VPMADDUBSW: a ResNet-20 kept only 70% top-1 agreement with fp32 on this project's AVX2 machine
     # (94% with reduce_range); see ONNX Runtime's quantization docs, "reduce_range".
     quantize_static(
-        str(prepared), str(path), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-    )  # fmt: skip
+        str(prepared),
+        str(path),
+        _Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
     prepared.unlink()
 
 
@@ -198,9 +212,17 @@ def export_checkpoint(
     staging.chmod(0o755)  # mkdtemp makes it private; the exported folder is meant to be shared and served
     try:
         manifest = _build_artifacts(
-            model, state, staging, parity_x, test_x, test_y, calibration, options, checkpoint_path,
+            model,
+            state,
+            staging,
+            parity_x,
+            test_x,
+            test_y,
+            calibration,
+            options,
+            checkpoint_path,
             options.name or out.name,
-        )  # fmt: skip
+        )
         manifest["commands"] = {"train": state.commands, "export": command}
         manifest["data"] = {"source": str(data_source), "test_images": len(test_y)}
         write_manifest(staging, manifest)
@@ -212,9 +234,17 @@ def export_checkpoint(
 
 
 def _build_artifacts(
-    model: NormalizedModel, state: ModelCheckpoint, folder: Path, parity_x: np.ndarray, test_x: np.ndarray,
-    test_y: np.ndarray, calibration: np.ndarray, options: ExportOptions, checkpoint_path: Path, name: str,
-) -> dict:  # fmt: skip
+    model: NormalizedModel,
+    state: ModelCheckpoint,
+    folder: Path,
+    parity_x: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    calibration: np.ndarray,
+    options: ExportOptions,
+    checkpoint_path: Path,
+    name: str,
+) -> dict:
     untouched = model
     if options.tta == "mirror":
         model = MirrorAveraged(model).eval()
@@ -226,9 +256,14 @@ def _build_artifacts(
     if options.pt2:
         artifacts["torch_export"] = folder / "model.pt2"
         export_pt2(model, artifacts["torch_export"])
-    runners = {kind: torchscript_runner(p) if kind == "torchscript" else
-               exported_program_runner(p) if kind == "torch_export" else onnx_runner(p)
-               for kind, p in artifacts.items()}  # fmt: skip
+    runners = {
+        kind: torchscript_runner(p)
+        if kind == "torchscript"
+        else exported_program_runner(p)
+        if kind == "torch_export"
+        else onnx_runner(p)
+        for kind, p in artifacts.items()
+    }
 
     parity = {}
     expected = reference_outputs(reference, parity_x, PARITY_BATCH_SIZES)
@@ -256,11 +291,17 @@ def _build_artifacts(
         fp32_top1 = np.concatenate([runners["onnx"](test_x[i : i + 256]) for i in range(0, len(test_x), 256)]).argmax(1)
         int8_top1 = np.concatenate([int8_runner(test_x[i : i + 256]) for i in range(0, len(test_x), 256)]).argmax(1)
         drop = accuracy["onnx"] - accuracy["onnx_int8"]
-        parity["onnx_int8"] = {"accuracy_drop": drop, "top1_agreement_with_fp32": float((fp32_top1 == int8_top1).mean()),
-                               "max_accuracy_drop": INT8_MAX_ACCURACY_DROP, "passed": drop <= INT8_MAX_ACCURACY_DROP}  # fmt: skip
+        parity["onnx_int8"] = {
+            "accuracy_drop": drop,
+            "top1_agreement_with_fp32": float((fp32_top1 == int8_top1).mean()),
+            "max_accuracy_drop": INT8_MAX_ACCURACY_DROP,
+            "passed": drop <= INT8_MAX_ACCURACY_DROP,
+        }
         if drop > INT8_MAX_ACCURACY_DROP:
-            raise ParityError(f"onnx_int8: accuracy {100 * accuracy['onnx_int8']:.2f}% is {100 * drop:.2f} points below fp32 "
-                              f"ONNX ({100 * accuracy['onnx']:.2f}%); the limit is {100 * INT8_MAX_ACCURACY_DROP:.1f}")  # fmt: skip
+            raise ParityError(
+                f"onnx_int8: accuracy {100 * accuracy['onnx_int8']:.2f}% is {100 * drop:.2f} points below fp32 "
+                f"ONNX ({100 * accuracy['onnx']:.2f}%); the limit is {100 * INT8_MAX_ACCURACY_DROP:.1f}"
+            )
 
     files = {kind: artifact_entry(path) for kind, path in artifacts.items()}
     training_report = checkpoint_path.parent / "report.json"

@@ -42,12 +42,13 @@ from trainer.config import TrainConfig, build_parser, config_from_args, resume_c
 from trainer.data import load_dataset, split_validation
 from trainer.distributed import Runtime, barrier, init_runtime, shutdown
 from trainer.engine import (
+    WARMUP_STEPS,
     DeviceTimer,
     NonFiniteLossError,
     TrainState,
     build_train_state,
     train_one_epoch,
-    train_step,
+    warm_up,
 )
 from trainer.evaluate import accuracy, classification_report, predict_logits
 from trainer.models import apply_init, build_model, count_parameters
@@ -55,7 +56,6 @@ from trainer.precision import resolve_precision
 
 log = logging.getLogger("trainer.fit")
 WHITENING_IMAGES = 5000  # training images whose 2x2 patches set the whitening stem (airbench94 uses 5,000)
-WARMUP_STEPS = 3  # steps run, then undone, before the timed training (kernel selection, compilation)
 
 
 @dataclasses.dataclass
@@ -149,49 +149,32 @@ def build_state(
     return state
 
 
-def warm_up(train_model, state: TrainState, batch, config: TrainConfig, runtime: Runtime, precision: str) -> float:
-    """Run WARMUP_STEPS real training steps (cuDNN's algorithm search, torch.compile's compilation, first-call
-    allocations), then restore the model and optimizer: the timed training starts warm and unchanged."""
-    start = time.perf_counter()
-    saved_model = {k: v.clone() for k, v in state.model.state_dict().items()}
-    saved_optimizer = _clone_optimizer_state(state.optimizer.state_dict())
-    for _ in range(WARMUP_STEPS):
-        train_step(
-            train_model, state.optimizer, *batch, device=runtime.device, precision=precision,
-            label_smoothing=config.label_smoothing, scaler=None,
-        )  # fmt: skip
-    state.model.load_state_dict(saved_model)
-    state.optimizer.load_state_dict(saved_optimizer)
-    if runtime.device.type == "cuda":
-        torch.cuda.synchronize(runtime.device)
-    return time.perf_counter() - start
-
-
-def _clone_optimizer_state(state: dict) -> dict:
-    def clone(value):
-        return value.clone() if torch.is_tensor(value) else value
-
-    return {
-        "state": {key: {name: clone(v) for name, v in entry.items()} for key, entry in state["state"].items()},
-        "param_groups": state["param_groups"],
-    }
-
-
 def validate(state: TrainState, data: DeviceData, config: TrainConfig, precision: str) -> float | None:
     """Accuracy of the evaluated weights on the validation split (None without one); no TTA."""
     if not len(data.val_images):
         return None
     logits, _ = predict_logits(
-        state.eval_model, data.val_images, data.mean, data.std, tta=0, precision=precision,
+        state.eval_model,
+        data.val_images,
+        data.mean,
+        data.std,
+        tta=0,
+        precision=precision,
         channels_last=config.channels_last,
-    )  # fmt: skip
+    )
     return accuracy(logits, data.val_labels)
 
 
 def make_checkpoint(
-    state: TrainState, data: DeviceData, config: TrainConfig, *, total_steps: int, finished: bool,
-    commands: list[str], timer: Timer,
-) -> TrainingCheckpoint:  # fmt: skip
+    state: TrainState,
+    data: DeviceData,
+    config: TrainConfig,
+    *,
+    total_steps: int,
+    finished: bool,
+    commands: list[str],
+    timer: Timer,
+) -> TrainingCheckpoint:
     return TrainingCheckpoint(
         model_name=config.model,
         class_names=data.class_names,
@@ -211,9 +194,14 @@ def final_evaluation(state: TrainState, data: DeviceData, config: TrainConfig, p
 
     def logits(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return predict_logits(
-            state.eval_model, images, data.mean, data.std, tta=config.tta, precision=precision,
+            state.eval_model,
+            images,
+            data.mean,
+            data.std,
+            tta=config.tta,
+            precision=precision,
             channels_last=config.channels_last,
-        )  # fmt: skip
+        )
 
     test_plain, test_tta = logits(data.test_images)
     result = {
@@ -287,13 +275,14 @@ def run(
         train_model = torch.compile(train_model)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
+    augmentation = {
+        "batch_size": config.batch_size, "seed": config.seed, "mean": data.mean, "std": data.std,
+        "translate": config.translate, "flip": config.flip, "flip_bits": flip_bits, "cutout_size": config.cutout,
+        "rank": runtime.rank, "world_size": runtime.world_size, "channels_last": config.channels_last,
+    }  # fmt: skip
+
     def batches(epoch: int, steps: int):
-        return train_batches(
-            data.train_images, data.train_labels, batch_size=config.batch_size, epoch=epoch, seed=config.seed,
-            mean=data.mean, std=data.std, translate=config.translate, flip=config.flip, flip_bits=flip_bits,
-            cutout_size=config.cutout, rank=runtime.rank, world_size=runtime.world_size, max_steps=steps,
-            channels_last=config.channels_last,
-        )  # fmt: skip
+        return train_batches(data.train_images, data.train_labels, epoch=epoch, max_steps=steps, **augmentation)
 
     def checkpoint(finished: bool) -> TrainingCheckpoint:
         return make_checkpoint(
@@ -306,13 +295,13 @@ def run(
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
         kept = [row for row in report.read_metrics(metrics_path) if row["epoch"] <= state.epoch]
         report.rewrite_metrics(metrics_path, kept)  # a resumed run drops rows written after its checkpoint
+        group = f" ({runtime.backend} process group, DDP)" if runtime.distributed else ""
         log.info(
-            "%s: %s params | %d train / %d val / %d test images | %d epochs x %d steps of %d | device %s x%d%s, %s%s",
-            config.model, f"{count_parameters(state.model):,}", len(data.train_images), len(data.val_images),
-            len(data.test_images), num_epochs, steps_per_epoch, config.batch_size, device, runtime.world_size,
-            f" ({runtime.backend} process group, DDP)" if runtime.distributed else "", precision,
-            ", compiled" if config.compile else "",
-        )  # fmt: skip
+            f"{config.model}: {count_parameters(state.model):,} params | {len(data.train_images)} train / "
+            f"{len(data.val_images)} val / {len(data.test_images)} test images | {num_epochs} epochs x "
+            f"{steps_per_epoch} steps of {config.batch_size} | device {device} x{runtime.world_size}{group}, "
+            f"{precision}{', compiled' if config.compile else ''}"
+        )
 
     # warm-up, outside the timed training
     warmup_s = warm_up(train_model, state, next(batches(0, 1)), config, runtime, precision)
@@ -329,33 +318,57 @@ def run(
             else "no checkpoint was written"
         )
         stats = train_one_epoch(
-            state, train_model, batches(state.epoch, steps), steps=steps, total_steps=total_steps,
-            num_epochs=num_epochs, config=config, runtime=runtime, precision=precision, scaler=scaler,
-            checkpoint_hint=hint, timer=train_timer,
-        )  # fmt: skip
+            state,
+            train_model,
+            batches(state.epoch, steps),
+            steps=steps,
+            total_steps=total_steps,
+            num_epochs=num_epochs,
+            config=config,
+            runtime=runtime,
+            precision=precision,
+            scaler=scaler,
+            checkpoint_hint=hint,
+            timer=train_timer,
+        )
         timer.train_s += stats.seconds
         if runtime.is_main:
             t0 = time.perf_counter()
             val_acc = validate(state, data, config, precision)
             timer.eval_s += time.perf_counter() - t0
             row = {
-                "epoch": state.epoch, "step": state.step, "train_loss": stats.train_loss, "train_acc": stats.train_acc,
-                "val_acc": val_acc, "lr": stats.lr, "epoch_time_s": stats.seconds, "train_time_s": timer.train_s,
-                "wall_time_s": elapsed_wall(), "images_per_s": stats.images / stats.seconds,
-            }  # fmt: skip
+                "epoch": state.epoch,
+                "step": state.step,
+                "train_loss": stats.train_loss,
+                "train_acc": stats.train_acc,
+                "val_acc": val_acc,
+                "lr": stats.lr,
+                "epoch_time_s": stats.seconds,
+                "train_time_s": timer.train_s,
+                "wall_time_s": elapsed_wall(),
+                "images_per_s": stats.images / stats.seconds,
+            }
             # Metrics first: a kill between the two leaves a row that --resume drops and redoes;
             # the other order would leave a checkpoint whose epoch has no row, ever.
             report.append_metrics(metrics_path, row)
             t0 = time.perf_counter()
             timer.wall_s = elapsed_wall()
-            save_checkpoint(checkpoint(finished=False), checkpoint_path)
+            saved = checkpoint(finished=False)
+            save_checkpoint(saved, checkpoint_path)
+            if config.keep_epoch_weights:  # for time-to-accuracy curves, scored after the run
+                save_checkpoint(saved.model_checkpoint(), out / "epochs" / f"epoch-{state.epoch:03d}.pt")
             timer.save_s += time.perf_counter() - t0
             log.info(
                 "epoch %d/%d  train loss %.4f acc %.2f%%  %s  lr %.4g  %.0f img/s  elapsed %.0f s",
-                state.epoch, num_epochs, stats.train_loss, 100 * stats.train_acc,
-                f"val acc {100 * val_acc:.2f}%" if val_acc is not None else "no val split", stats.lr,
-                row["images_per_s"], row["wall_time_s"],
-            )  # fmt: skip
+                state.epoch,
+                num_epochs,
+                stats.train_loss,
+                100 * stats.train_acc,
+                f"val acc {100 * val_acc:.2f}%" if val_acc is not None else "no val split",
+                stats.lr,
+                row["images_per_s"],
+                row["wall_time_s"],
+            )
         barrier(runtime)
 
     if not runtime.is_main:
@@ -373,11 +386,15 @@ def run(
         environment=report.environment_info(
             device, torch.get_num_threads(), runtime.world_size, precision, runtime.backend
         ),
-        data={"source": data.source, "train": len(data.train_images), "val": len(data.val_images),
-              "test": len(data.test_images)},
+        data={
+            "source": data.source,
+            "train": len(data.train_images),
+            "val": len(data.val_images),
+            "test": len(data.test_images),
+        },
         config=dataclasses.asdict(config),
         commands=commands,
-    )  # fmt: skip
+    )
     result["timing"] = dataclasses.asdict(timer)  # updated below, once everything is written
     write_outputs(out, result, checkpoint(finished=True), data.class_names)
     timer.save_s += time.perf_counter() - t0
@@ -386,9 +403,15 @@ def run(
     report.write_json_atomic(out / "report.json", result)
     log.info(
         "test accuracy %.2f%% (TTA level %d: %.2f%%) | train %.1f s, warm-up %.1f s, eval %.1f s, wall %.0f s | %s",
-        100 * result["test"]["accuracy"], config.tta, 100 * result["test_tta"]["accuracy"],
-        timer.train_s, timer.warmup_s, timer.eval_s, timer.wall_s, out,
-    )  # fmt: skip
+        100 * result["test"]["accuracy"],
+        config.tta,
+        100 * result["test_tta"]["accuracy"],
+        timer.train_s,
+        timer.warmup_s,
+        timer.eval_s,
+        timer.wall_s,
+        out,
+    )
     return result
 
 
