@@ -50,11 +50,12 @@ def forward_gflops(model_name: str) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from bundle.contract import CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH
     from trainer.models import build_model
 
     model = build_model(model_name).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, 32, 32))
+        model(torch.zeros(1, CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH))
     return counter.get_total_flops() / 1e9
 
 

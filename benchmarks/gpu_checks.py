@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bundle.contract import CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH
+
 RESULT_PREFIX = "GPU_CHECKS_RESULT "
 
 
@@ -98,7 +100,9 @@ def load_on_cpu(run: Path) -> dict:
         model = build_model(model_name, len(training.class_names))
         model.load_state_dict(weights)  # strict: every key, every shape
         with torch.no_grad():
-            out = model.eval()(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+            out = model.eval()(
+                torch.randn(4, CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH, generator=torch.Generator().manual_seed(0))
+            )
         if out.shape != (4, len(training.class_names)) or not torch.isfinite(out).all():
             raise RuntimeError(f"{name} of {run}: logits of shape {tuple(out.shape)}, not all finite or wrong shape")
         logits[name], parameters = out, sum(p.numel() for p in model.parameters())

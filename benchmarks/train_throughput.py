@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bundle.contract import CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH
 from trainer.models import build_model, count_parameters
 from trainer.precision import autocast, cpu_has_native_bf16
 from trainer.report import environment_info
@@ -34,7 +35,7 @@ def training_images_per_second(name: str, precision: str, batch_size: int, steps
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, nesterov=True
     )
-    x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch_size, CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
     device = torch.device("cpu")
 

@@ -11,7 +11,10 @@ import fails with a clear error; tests/test_serving.py and tests/test_hardening.
 2. BentoML's `RunnerTrafficMetricsMiddleware` labels its request metrics with the raw request path, one
    label value per path ever requested. `collapse_unknown_route_metrics` relabels paths outside the
    service's routes as one value before that middleware sees them.
-3. The worker builds `uvicorn.Config` with the default `http="auto"`, resolved through
+3. Each worker receives that folder as $PROMETHEUS_MULTIPROC_DIR and its index in
+   `bentoml.server_context.worker_index`; `note_worker_start` keeps a pid file per worker index there, so a
+   worker that replaces one killed without shutting down (SIGKILL, out of memory) says so in the log.
+4. The worker builds `uvicorn.Config` with the default `http="auto"`, resolved through
    `uvicorn.config.HTTP_PROTOCOLS` when the worker starts, after it imported the service module.
    `install_http_limits` maps it to `GuardedHttpToolsProtocol`, uvicorn's httptools protocol with limits
    on header size and header time, a cap on the body bytes discarded after an early answer, and a lingering
@@ -25,6 +28,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable
@@ -59,7 +63,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: E40
 UNKNOWN_ROUTE = "/(unknown-route)"
 
 
-# ------------------------------------------------------------------ 1. a Prometheus folder per server
+# ------------------------------------------------------------------ 1 and 3. a Prometheus folder per server, workers noted in it
 
 
 def use_private_prometheus_dir() -> Path | None:
@@ -90,6 +94,45 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _worker_pid_file() -> Path | None:
+    """worker-<index>.pid in the server's own folder; None outside `bentoml serve`."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(folder) / f"worker-{bentoml.server_context.worker_index or 0}.pid" if folder else None
+
+
+def note_worker_start(log: logging.Logger) -> None:
+    """Log a worker that replaces one that died without shutting down, and drop the dead worker's live gauges
+    from /metrics; then record this worker's pid (see 3 above)."""
+    pid_file = _worker_pid_file()
+    if pid_file is None:
+        return
+    try:
+        previous = int(pid_file.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous and previous != os.getpid():
+        index = bentoml.server_context.worker_index
+        log.warning(
+            "worker %s (pid %d) ended without shutting down (killed or crashed); pid %d replaces it",
+            index,
+            previous,
+            os.getpid(),
+        )
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(previous)
+    try:
+        pid_file.write_text(str(os.getpid()))
+    except OSError as err:
+        log.warning("cannot record the worker's pid in %s (%s)", pid_file, err)
+
+
+def note_worker_exit() -> None:
+    """A clean shutdown: the next worker with this index is not a replacement."""
+    if pid_file := _worker_pid_file():
+        pid_file.unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------ 2. one metrics label for unknown paths
 
 
@@ -111,7 +154,7 @@ def collapse_unknown_route_metrics(paths: Iterable[str], prefixes: Iterable[str]
     RunnerTrafficMetricsMiddleware.__call__ = call
 
 
-# ------------------------------------------------------------------ 3. HTTP limits below the application
+# ------------------------------------------------------------------ 4. HTTP limits below the application
 
 
 def _refusal(status: int, reason: str, message: str) -> bytes:
@@ -263,7 +306,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def install_http_limits(*, max_header_bytes: int, header_timeout_s: float, max_drain_bytes: int) -> None:
-    """Make uvicorn (in this worker) use GuardedHttpToolsProtocol with these limits (see 3 above)."""
+    """Make uvicorn (in this worker) use GuardedHttpToolsProtocol with these limits (see 4 above)."""
     GuardedHttpToolsProtocol.max_header_bytes = max_header_bytes
     GuardedHttpToolsProtocol.header_timeout_s = header_timeout_s
     GuardedHttpToolsProtocol.max_drain_bytes = max_drain_bytes

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import threading
 import time
-from pathlib import Path
 
 import bentoml
 import numpy as np
@@ -85,7 +83,7 @@ class Classifier:
             max_request_pixels=SETTINGS.max_request_pixels,
             max_pixels_in_flight=SETTINGS.max_decode_pixels_in_flight,
         )
-        _note_worker_start()
+        bentoml_adapter.note_worker_start(log)
         threading.Thread(target=self._load_and_warm_up, name="warm-up", daemon=True).start()
 
     def _load_and_warm_up(self) -> None:
@@ -132,8 +130,7 @@ class Classifier:
 
     @bentoml.on_shutdown
     def _note_clean_exit(self) -> None:
-        if pid_file := _worker_pid_file():
-            pid_file.unlink(missing_ok=True)
+        bentoml_adapter.note_worker_exit()
 
     def _probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, classes); runs in the batcher's model thread."""
@@ -155,34 +152,3 @@ class Classifier:
 def _observe(images: int, requests: int) -> None:
     BATCH_IMAGES.observe(images)
     BATCH_REQUESTS.observe(requests)
-
-
-def _worker_pid_file() -> Path | None:
-    """worker-<index>.pid in the server's own folder (its Prometheus folder); None outside `bentoml serve`."""
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    return Path(folder) / f"worker-{bentoml.server_context.worker_index or 0}.pid" if folder else None
-
-
-def _note_worker_start() -> None:
-    """Log a worker that replaces one that died without shutting down (killed, crashed, out of memory)."""
-    pid_file = _worker_pid_file()
-    if pid_file is None:
-        return
-    try:
-        previous = int(pid_file.read_text())
-    except (OSError, ValueError):
-        previous = None
-    if previous and previous != os.getpid():
-        log.warning(
-            "worker %s (pid %d) ended without shutting down (killed or crashed); pid %d replaces it",
-            bentoml.server_context.worker_index,
-            previous,
-            os.getpid(),
-        )
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(previous)  # drop its live gauges from /metrics
-    try:
-        pid_file.write_text(str(os.getpid()))
-    except OSError as err:
-        log.warning("cannot record the worker's pid in %s (%s)", pid_file, err)

@@ -1,6 +1,7 @@
 """Model zoo: every network `trainer.fit` can train, registered by name.
 
-All models take a normalised float batch (N, 3, 32, 32) and return logits
+All models take a normalised float batch (N, 3, H, W) at the input contract's size (bundle.contract:
+32 x 32 for CIFAR-10) and return logits
 (N, num_classes). None has data-dependent Python control flow in `forward`,
 so each one traces, scripts and exports to ONNX as it is.
 
