@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import http.server
 import io
 import json
@@ -652,3 +653,57 @@ def test_bentoml_build_packages_the_service_and_the_default_model(tmp_path: Path
     manifest = json.loads((source / "exported_models" / "default" / "manifest.json").read_text())
     for entry in manifest["artifacts"].values():
         assert (source / "exported_models" / "default" / entry["file"]).stat().st_size == entry["bytes"]
+
+
+# ------------------------------------------------------------------ the other backends; a worker whose model fails
+
+
+@slow
+@pytest.mark.parametrize("backend", ["onnx_int8", "torchscript"])
+def test_other_backends_serve_answers_within_the_export_gates(
+    backend, default_model, model, offline, test_images, tmp_path
+):
+    """torchscript is gated like fp32 ONNX at export (same logits within rtol 1e-3 / atol 1e-4, same top-1);
+    INT8 within 0.5 accuracy points of fp32: the served answers must keep those terms."""
+    items = [(f"{label}-{Path(name).name}", data) for name, label, data in test_images[::5]]  # 6 per class
+    labels = [model.class_names.index(label) for _, label, _ in test_images[::5]]
+    expected = offline(items)
+    with ServedClassifier(
+        "--arg", f"model={default_model}", "--arg", f"backend={backend}",
+        home=tmp_path / "home", log_path=tmp_path / "server.log",
+    ) as served:  # fmt: skip
+        served.wait_ready()
+        info = httpx.get(f"{served.url}/model", timeout=TIMEOUT).json()
+        response = _post_images(served, items, k=str(len(model.class_names)))
+    assert info["backend"] == backend and response.status_code == 200, response.text
+    got = np.stack([_served_probabilities(a, model.class_names) for a in response.json()])
+    want = np.stack([expected[name] for name, _ in items])
+    if backend == "torchscript":
+        assert (got.argmax(1) == want.argmax(1)).all()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+        assert not np.array_equal(got, want), "bit-identical to ONNX Runtime's: was TorchScript served?"
+    else:
+        accuracy_drop = (want.argmax(1) == labels).mean() - (got.argmax(1) == labels).mean()
+        assert accuracy_drop <= 0.005 + 1 / len(items), accuracy_drop  # the gate's 0.5 pt, plus one image
+        assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
+        assert not np.allclose(got, want, atol=1e-6), "INT8 answers equal fp32's: was the INT8 model served?"
+
+
+@slow
+def test_a_model_that_fails_to_load_marks_the_worker_dead(default_model: Path, tmp_path: Path) -> None:
+    """The ONNX file is replaced by bytes that are not a model, with a manifest that vouches for them (so the
+    checksum passes at start): loading fails in the worker, which must say so on /healthz and never be ready."""
+    folder = Path(shutil.copytree(default_model, tmp_path / "broken"))
+    (folder / "model.onnx").write_bytes(b"not an onnx model" * 100)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = (folder / "model.onnx").read_bytes()
+    manifest["artifacts"]["onnx"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with ServedClassifier("--arg", f"model={folder}", home=tmp_path / "home", log_path=tmp_path / "s.log") as served:
+        deadline = time.monotonic() + 120
+        while "now reports the worker dead" not in served.log(20000):
+            assert time.monotonic() < deadline and served.process.poll() is None, served.log()
+            time.sleep(0.2)
+        assert httpx.get(f"{served.url}/healthz", timeout=TIMEOUT).status_code == 503
+        assert served.readyz() == 503
+        _assert_json_error(_post_images(served, [("a.jpg", b"\xff\xd8")]), 503, "warming up")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_MODEL = "fast_resnet"
+DEFAULT_MODEL = "fast_resnet_256"  # why: trainer/config.py, above RECIPES
 INIT_SCHEMES = ("default", "kaiming", "xavier")
 
 
@@ -127,12 +127,12 @@ class FastResNet(nn.Module):
         return self.head(x) * self.logit_scale
 
 
-@_register("fast_resnet", "default: whitening stem + 3 residual groups 48/96/192, ~0.66M params (sized for CPUs)")
+@_register("fast_resnet", "whitening stem + 3 residual groups 48/96/192, ~0.66M params (the small one)")
 def _fast_resnet(num_classes: int) -> nn.Module:
     return FastResNet(num_classes, widths=(48, 96, 192))
 
 
-@_register("fast_resnet_256", "fast_resnet at airbench94's widths 64/256/256, ~2.0M params")
+@_register("fast_resnet_256", "default: fast_resnet at airbench94's widths 64/256/256, ~2.0M params")
 def _fast_resnet_256(num_classes: int) -> nn.Module:
     return FastResNet(num_classes, widths=(64, 256, 256))
 
