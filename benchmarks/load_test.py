@@ -73,14 +73,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--raw-body", action="store_true", help="also send the service each image as a raw image/jpeg body"
     )
     parser.add_argument(
-        "--backend", default="onnx", choices=("onnx", "onnx_int8"), help="model artifact for both (default: onnx)"
+        "--backend",
+        default="auto",
+        choices=("auto", "onnx", "onnx_int8"),
+        help="model artifact for both; auto: INT8 when its gate passed, as the service (default: auto)",
     )
     parser.add_argument("--model", help="exported model folder (default: $CLASSIFIER_MODEL or exported_models/default)")
     parser.add_argument("--data", default=str(ARCHIVE), help=f"CIFAR-10 JPEG archive (default: {ARCHIVE})")
     parser.add_argument(
         "--levels", type=int, nargs="+", default=[1, 8, 32, 128], help="concurrency levels (default: 1 8 32 128)"
     )
-    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per level (default: 20)")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per level (default: 10)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of every level on every server; medians reported (default: 3)"
+    )
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level (default: 3)")
     parser.add_argument("--images-per-request", type=int, default=1, help="images in each request (default: 1)")
     parser.add_argument("--workers", type=int, help="server workers (default: the service's default)")
@@ -241,11 +247,12 @@ def run_level(url: str, concurrency: int, warmup: float, duration: float, with_b
 # ------------------------------------------------------------------ report
 
 
-def print_level(level: dict, images_per_request: int, bound: float) -> None:
+def print_level(level: dict, images_per_request: int, bound: float, label: str = "") -> None:
     images_per_s = level["ok_requests_per_s"] * images_per_request
     batch = f"{level['requests_per_batch']:9.1f}" if level["requests_per_batch"] else "        -"
     print(
-        f"  {level['concurrency']:>5} {level['requests_per_s']:9.1f} {images_per_s:9.1f} {100 * images_per_s / bound:6.1f}% "
+        f"  {label:<36} {level['concurrency']:>5} {level['requests_per_s']:9.1f} {images_per_s:9.1f} "
+        f"{100 * images_per_s / bound:6.1f}% "
         f"{level['p50_ms']:8.1f} {level['p95_ms']:8.1f} {level['p99_ms']:8.1f}  {batch}  {level['errors'] or '-'}"
     )
 
@@ -308,11 +315,9 @@ def targets(args: argparse.Namespace, model_dir: Path) -> list[dict]:
     return found
 
 
-def benchmark(args: argparse.Namespace, target: dict, images: list, model, bound: float) -> dict:
-    """Start the target server (unless external), run every concurrency level against it, stop it."""
+def start_server(target: dict, home: Path) -> ServedClassifier | ServedPeer | None:
+    """The target's server, started and ready (None for an external --url)."""
     settings, kind = target["settings"], target["kind"]
-    home = Path(tempfile.mkdtemp(prefix="load-test-"))
-    server = None
     if kind == "service":
         server = ServedClassifier(*serve_arguments(settings), home=home, log_path=home / "server.log")
     elif kind == "peer":
@@ -323,28 +328,71 @@ def benchmark(args: argparse.Namespace, target: dict, images: list, model, bound
             log_path=home / "server.log",
             backend=settings["backend"],
         )
-    url = server.url if server else args.url.rstrip("/")
+    else:
+        return None
+    server.start().wait_ready(timeout=300)
+    return server
+
+
+def use_requests(target: dict, images: list, per_request: int) -> None:
+    """Make the load generator send the target's request form: multipart, or one image as the raw body."""
     if target["raw"]:
         ClassifyUser.bodies, ClassifyUser.path = [(data, "image/jpeg") for _, data in images], "/classify?k=3"
     else:
-        ClassifyUser.bodies, ClassifyUser.path = multipart_bodies(images, args.images_per_request), "/classify"
+        ClassifyUser.bodies, ClassifyUser.path = multipart_bodies(images, per_request), "/classify"
+
+
+def benchmark(args: argparse.Namespace, found: list[dict], images: list, bound: float) -> list[dict]:
+    """All servers up at once (idle ones cost nothing), then, round after round, each concurrency level is run
+    against every target in turn: a paired comparison that a machine drifting between runs cannot skew.
+    Each target's figure per level is the median over the rounds."""
+    home = Path(tempfile.mkdtemp(prefix="load-test-"))
+    servers = []
     try:
-        if server:
-            server.start().wait_ready(timeout=300)
-        print(f"\n{target['label']}: " + (str(settings) if settings else "settings unknown"))
-        print(
-            f"  {'conc':>5} {'req/s':>9} {'img/s':>9} {'bound':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} req/batch  errors"
-        )
-        levels = []
-        for concurrency in args.levels:
-            levels.append(run_level(url, concurrency, args.warmup, args.duration, with_batches=kind != "peer"))
-            print_level(levels[-1], args.images_per_request, bound)
+        for i, target in enumerate(found):
+            servers.append(start_server(target, home / f"server-{i}"))
+        urls = [server.url if server else args.url.rstrip("/") for server in servers]
+        measured: list[dict[int, list[dict]]] = [{level: [] for level in args.levels} for _ in found]
+        for round_index in range(args.rounds):
+            print(f"\nround {round_index + 1} of {args.rounds}")
+            print(f"  {'server':<36} {'conc':>5} {'req/s':>9} {'img/s':>9} {'bound':>7} {'p50 ms':>8} {'p95 ms':>8} "
+                  f"{'p99 ms':>8} req/batch  errors")  # fmt: skip
+            for concurrency in args.levels:
+                for i, target in enumerate(found):
+                    use_requests(target, images, args.images_per_request)
+                    level = run_level(urls[i], concurrency, args.warmup, args.duration, target["kind"] != "peer")
+                    measured[i][concurrency].append(level)
+                    print_level(level, args.images_per_request, bound, target["label"])
     finally:
-        if server:
-            server.stop()
-        shutil.rmtree(home, ignore_errors=True)  # a failed start raised with the log's tail already
-    best = max(level["ok_requests_per_s"] for level in levels) * args.images_per_request
-    return {**target, "levels": levels, "best_images_per_s": best, "fraction_of_bound": best / bound}
+        for server in servers:
+            if server:
+                server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+    runs = []
+    for target, by_level in zip(found, measured, strict=True):
+        levels = [median_level(by_level[level]) for level in args.levels]
+        best = max(level["ok_requests_per_s"] for level in levels) * args.images_per_request
+        runs.append({**target, "levels": levels, "best_images_per_s": best, "fraction_of_bound": best / bound})
+    return runs
+
+
+def median_level(rounds: list[dict]) -> dict:
+    """One level's figures, each the median over the rounds (errors summed); the rounds kept beside them."""
+    keys = ("requests_per_s", "ok_requests_per_s", "p50_ms", "p95_ms", "p99_ms")
+    merged = {key: float(np.median([r[key] for r in rounds])) for key in keys}
+    batch = [r["requests_per_batch"] for r in rounds if r["requests_per_batch"]]
+    errors = Counter()
+    for r in rounds:
+        errors.update(r["errors"])
+    return {
+        **rounds[0],
+        **merged,
+        "requests_per_batch": float(np.median(batch)) if batch else None,
+        "errors": dict(errors),
+        "requests": sum(r["requests"] for r in rounds),
+        "ok": sum(r["ok"] for r in rounds),
+        "rounds": rounds,
+    }
 
 
 def compare(runs: list[dict]) -> list[dict]:
@@ -391,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         f"upper bound, the model in process ({bound['threads']} threads): {best_bound:.0f} images/s "
         f"at batch {bound['best_batch']}"
     )
-    runs = [benchmark(args, target, images, model, best_bound) for target in targets(args, model.folder)]
+    runs = benchmark(args, targets(args, model.folder), images, best_bound)
     comparison = compare(runs)
     print()
     for run in runs:

@@ -4,7 +4,7 @@ FastAPI + ONNX Runtime, one image per forward pass, no batching, `uvicorn --work
 the same input contract (bundle.preprocess) and the same answer shape as POST /classify of the service.
 benchmarks/load_test.py runs it side by side with the service:
 
-    CLASSIFIER_MODEL=exported_models/default PEER_BACKEND=onnx PEER_THREADS=1 \\
+    CLASSIFIER_MODEL=exported_models/default PEER_BACKEND=auto PEER_THREADS=1 \\
         python -m uvicorn benchmarks.peer_fastapi:app --workers 2 --port 3001
 """
 
@@ -19,7 +19,7 @@ from bundle.preprocess import ImageError, decode_image, pixels_to_input, softmax
 from bundle.runtime import load_backend
 
 MODEL = load_model_dir()  # $CLASSIFIER_MODEL or exported_models/default
-RUN = load_backend(MODEL, os.environ.get("PEER_BACKEND", "onnx"), threads=int(os.environ.get("PEER_THREADS", "1")))
+RUN = load_backend(MODEL, os.environ.get("PEER_BACKEND", "auto"), threads=int(os.environ.get("PEER_THREADS", "1")))
 app = FastAPI()
 
 

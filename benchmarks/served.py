@@ -134,7 +134,7 @@ class ServedPeer(ServedProcess):
 
     ready_path = "/healthz"
 
-    def __init__(self, model: Path, *, workers: int, threads: int, log_path: Path, backend: str = "onnx") -> None:
+    def __init__(self, model: Path, *, workers: int, threads: int, log_path: Path, backend: str = "auto") -> None:
         port = free_port()
         uvicorn = ["-m", "uvicorn", "benchmarks.peer_fastapi:app", "--host", "127.0.0.1", "--port", str(port)]
         command = [sys.executable, *uvicorn, "--workers", str(workers), "--no-access-log"]

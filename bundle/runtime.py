@@ -19,10 +19,21 @@ Runner = Callable[[np.ndarray], np.ndarray]  # float32 NCHW batch -> float32 log
 BACKENDS = {"onnx": "onnx", "onnx_int8": "onnx_int8", "torchscript": "torchscript"}  # backend -> artifact kind
 
 
-def load_backend(model: ExportedModel, backend: str = "onnx", threads: int | None = None) -> Runner:
-    """The model's `backend` artifact as a Runner, on `threads` intra-op threads (default: all cores)."""
+def resolve_backend(model: ExportedModel, backend: str = "auto") -> str:
+    """`auto` is the INT8 ONNX model when the bundle has one whose export gate passed (accuracy within 0.5
+    point of fp32), else the fp32 ONNX model; any other name is checked and returned."""
+    if backend == "auto":
+        gate = model.manifest.get("parity", {}).get("onnx_int8", {})
+        return "onnx_int8" if "onnx_int8" in model.manifest["artifacts"] and gate.get("passed") is True else "onnx"
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    return backend
+
+
+def load_backend(model: ExportedModel, backend: str = "auto", threads: int | None = None) -> Runner:
+    """The model's `backend` artifact (see resolve_backend) as a Runner, on `threads` intra-op threads
+    (default: all cores)."""
+    backend = resolve_backend(model, backend)
     path = model.artifact_path(BACKENDS[backend])
     threads = threads or os.cpu_count() or 1
     if backend == "torchscript":

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from bundle.preprocess import ImageError
 from serving.batching import WouldMissDeadline
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from bundle.manifest import ExportedModel
 
 STATIC = Path(__file__).parent / "static"
+WATCH_FROM_BYTES = 256 * 1024  # bodies from this size may hold large images: always watch for the client leaving
 ROUTES = ("/", "/docs", "/docs.json", "/model", "/classify", "/classify_pixels")
 Send = Callable[[dict], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict]]
@@ -97,9 +99,12 @@ class Api:
     """The API endpoints of one worker. `service()` is the worker's Classifier instance (created by BentoML
     after this app), which owns the model, the batcher and the decoder."""
 
-    def __init__(self, settings: ServiceSettings, model: ExportedModel, service: Callable[[], object]) -> None:
+    def __init__(
+        self, settings: ServiceSettings, model: ExportedModel, backend: str, service: Callable[[], object]
+    ) -> None:
         self.settings = settings
         self.model = model
+        self.backend = backend
         self.service = service
         _, channels, height, width = model.contract["shape"]
         self.pixel_shape = (height, width, channels)
@@ -122,7 +127,7 @@ class Api:
             "/docs.json": (self.openapi, "GET"),
         }
         routes = [Route(path, _Endpoint(handler), methods=[method]) for path, (handler, method) in endpoints.items()]
-        return Starlette(routes=routes)
+        return _RoutesOnly(routes=routes)
 
     # -------------------------------------------------------------- the API
 
@@ -175,14 +180,17 @@ class Api:
                 )
             self.slots.active += 1
             try:
-                work = asyncio.ensure_future(read(scope, body, start))
-                gone = asyncio.ensure_future(receive())  # completes (http.disconnect) only if the client leaves
-                await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
-                if not work.done():
-                    work.cancel()
-                    return
-                gone.cancel()
-                status, payload = work.result()
+                if not service.batcher.busy and len(body) <= WATCH_FROM_BYTES:
+                    status, payload = await read(scope, body, start)  # no wait ahead: nothing to abandon
+                else:  # it may wait (a queue, large images): stop if the client leaves meanwhile
+                    work = asyncio.ensure_future(read(scope, body, start))
+                    gone = asyncio.ensure_future(receive())  # completes (http.disconnect) only if the client leaves
+                    await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+                    if not work.done():
+                        work.cancel()
+                        return
+                    gone.cancel()
+                    status, payload = work.result()
             finally:
                 self.slots.active -= 1
         except RequestError as err:
@@ -224,7 +232,7 @@ class Api:
 
     async def model_info(self, scope: dict, receive: Receive, send: Send) -> None:
         info = {key: self.model.manifest.get(key) for key in MODEL_INFO_KEYS}
-        await send_json(send, 200, info | {"backend": self.settings.backend})
+        await send_json(send, 200, info | {"backend": self.backend})
 
     async def page(self, scope: dict, receive: Receive, send: Send) -> None:
         await _send_file(send, STATIC / "index.html", b"text/html; charset=utf-8")
@@ -236,6 +244,14 @@ class Api:
         from serving.openapi import openapi_spec
 
         await send_json(send, 200, openapi_spec(self.model, self.settings))
+
+
+class _RoutesOnly(Starlette):
+    """Starlette (which BentoML's mount needs to match routes passively) without its own error and exception
+    middleware: BentoML's application around it has them, and every layer costs each request."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return self.router
 
 
 class _Endpoint:

@@ -34,9 +34,9 @@ from bundle.preprocess import (
     softmax,
     top_k,
 )
-from bundle.runtime import load_backend
+from bundle.runtime import load_backend, resolve_backend
 
-OFFLINE_BACKENDS = ("onnx", "onnx_int8")
+OFFLINE_BACKENDS = ("auto", "onnx", "onnx_int8")
 
 
 def expand_paths(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -177,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders or glob patterns")
     parser.add_argument("--model", help="exported model folder (default: $CLASSIFIER_MODEL or exported_models/default)")
     parser.add_argument(
-        "--backend", choices=OFFLINE_BACKENDS, default="onnx", help="ONNX Runtime fp32 or INT8 (default: onnx)"
+        "--backend",
+        choices=OFFLINE_BACKENDS,
+        default="auto",
+        help="ONNX Runtime fp32 or INT8; auto: INT8 when its export gate passed, as the service (default: auto)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default: 64)")
     parser.add_argument("--top-k", type=int, default=3, help="labels shown per image (default: 3)")
@@ -205,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     max_file_bytes = int(args.max_file_mb * 2**20)
     try:
         model = load_model_dir(args.model)
-        verify_checksums(model, [args.backend])
-        run = load_backend(model, args.backend, threads=args.threads or None)
+        backend = resolve_backend(model, args.backend)
+        verify_checksums(model, [backend])
+        run = load_backend(model, backend, threads=args.threads or None)
     except (ModelError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

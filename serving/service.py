@@ -19,7 +19,7 @@ import numpy as np
 
 from bundle.manifest import load_model_dir, verify_checksums
 from bundle.preprocess import pixels_to_input, softmax, top_k
-from bundle.runtime import load_backend
+from bundle.runtime import load_backend, resolve_backend
 from serving import bentoml_adapter
 from serving.api import ROUTES, Api
 from serving.batching import AdaptiveBatcher
@@ -35,7 +35,8 @@ log.setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING: keep th
 # are in place before the worker builds its server.
 SETTINGS = bentoml.use_arguments(ServiceSettings)
 MODEL = load_model_dir(SETTINGS.model or None)
-verify_checksums(MODEL, [SETTINGS.backend])
+BACKEND = resolve_backend(MODEL, SETTINGS.backend)
+verify_checksums(MODEL, [BACKEND])
 bentoml_adapter.use_private_prometheus_dir()
 bentoml_adapter.collapse_unknown_route_metrics(
     [*ROUTES, "/livez", "/healthz", "/readyz", "/metrics", "/schema.json"], ["/static_content/"]
@@ -58,7 +59,7 @@ BATCH_REQUESTS = bentoml.metrics.Histogram(
     documentation="Requests (or parts of split requests) per model batch formed by adaptive batching",
     buckets=_BUCKETS,
 )
-API = Api(SETTINGS, MODEL, bentoml.get_current_service)
+API = Api(SETTINGS, MODEL, BACKEND, bentoml.get_current_service)
 
 
 @bentoml.service(
@@ -76,7 +77,12 @@ class Classifier:
         self.ready = False
         self.failed: str | None = None
         self.run = None
-        self.batcher = AdaptiveBatcher(self._probabilities, max_batch_size=SETTINGS.max_batch_size, on_batch=_observe)
+        self.batcher = AdaptiveBatcher(
+            self._probabilities,
+            max_batch_size=SETTINGS.max_batch_size,
+            on_batch=_observe,
+            inline_max_images=SETTINGS.inline_max_images,
+        )
         self.decoder = Decoder(
             MODEL.contract,
             max_pixels=SETTINGS.max_pixels,
@@ -94,7 +100,7 @@ class Classifier:
             log.exception("loading model %s failed; /healthz now reports the worker dead", MODEL.folder)
 
     def _warm_up(self) -> None:
-        self.run = load_backend(MODEL, SETTINGS.backend, threads=SETTINGS.threads)
+        self.run = load_backend(MODEL, BACKEND, threads=SETTINGS.threads)
         height, width = MODEL.input_hw
         start = time.monotonic()
         while True:  # every batch size a request can bring, at least once; the timings seed the cost model
@@ -112,7 +118,7 @@ class Classifier:
         log.info(
             "model %s (%s, %d threads) warmed up in %.1f s",
             MODEL.name,
-            SETTINGS.backend,
+            BACKEND,
             SETTINGS.threads,
             time.monotonic() - start,
         )

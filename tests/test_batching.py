@@ -17,10 +17,12 @@ from serving.batching import AdaptiveBatcher, CostModel, WouldMissDeadline
 
 
 class Model:
-    """Returns each image's first pixel value as its "probability"; records batch sizes; can be held."""
+    """Returns each image's first pixel value as its "probability"; records batch sizes and the thread that
+    ran each batch; can be held (in the batcher's model thread: never hold a batch run on the event loop)."""
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
+        self.threads: list[str] = []
         self.release = threading.Event()
         self.release.set()
         self.started = threading.Event()
@@ -29,6 +31,7 @@ class Model:
         self.started.set()
         self.release.wait(10)
         self.batches.append([int(p) for p in pixels[:, 0, 0, 0]])
+        self.threads.append(threading.current_thread().name)
         return pixels[:, 0, 0, :1].astype(np.float32)
 
 
@@ -47,9 +50,26 @@ def test_batcher_runs_a_lone_request_at_once_in_a_batch_of_its_own() -> None:
     assert result[:, 0].tolist() == [7, 8] and model.batches == [[7, 8]]
 
 
+def test_batcher_runs_a_lone_small_request_on_the_event_loop_and_the_rest_in_its_model_thread() -> None:
+    """Under light load the hand-off to the model thread costs more than it saves: a lone request of at most
+    `inline_max_images` images runs right on the event loop; bigger or gathered batches go to the thread."""
+    model = Model()
+    batcher = AdaptiveBatcher(model, max_batch_size=64, inline_max_images=2)
+
+    async def scenario() -> str:
+        await batcher.submit(images(1, 2), far())  # lone, small: on the loop
+        await batcher.submit(images(3, 4, 5), far())  # lone, but bigger: in the thread
+        await asyncio.gather(*(batcher.submit(images(v), far()) for v in (6, 7)))  # gathered: in the thread
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(scenario())
+    assert model.batches == [[1, 2], [3, 4, 5], [6, 7]]
+    assert model.threads[0] == loop_thread and all(t.startswith("model") for t in model.threads[1:]), model.threads
+
+
 def test_batcher_gathers_requests_that_arrive_while_the_model_is_busy() -> None:
     model = Model()
-    batcher = AdaptiveBatcher(model, max_batch_size=64)
+    batcher = AdaptiveBatcher(model, max_batch_size=64, inline_max_images=0)  # held in its thread
 
     async def scenario() -> list[np.ndarray]:
         model.release.clear()
@@ -81,7 +101,7 @@ def test_batcher_splits_a_request_larger_than_a_batch_and_rejoins_it_in_order() 
 
 def test_batcher_refuses_at_once_what_its_queue_cannot_serve_before_the_deadline() -> None:
     model = Model()
-    batcher = AdaptiveBatcher(model, max_batch_size=8)
+    batcher = AdaptiveBatcher(model, max_batch_size=8, inline_max_images=0)
     batcher.cost.record(8, 1.0)  # the model is known to take 1/8 s per image
 
     async def scenario() -> tuple[list, BaseException | None]:
@@ -112,7 +132,7 @@ def test_batcher_never_refuses_when_idle_even_a_slow_request() -> None:
 
 def test_batcher_withdraws_the_queued_images_of_a_cancelled_request() -> None:
     model = Model()
-    batcher = AdaptiveBatcher(model, max_batch_size=64)
+    batcher = AdaptiveBatcher(model, max_batch_size=64, inline_max_images=0)
 
     async def scenario() -> None:
         model.release.clear()

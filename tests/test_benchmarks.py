@@ -49,7 +49,7 @@ def test_peer_answers_like_the_service(default_model: Path, shared_archive: Path
     assert response.status_code == 200, response.text
     (answer,) = response.json()
     model = load_model_dir(default_model)
-    ((_, expected, _),) = predict_stream(model, load_backend(model, "onnx", threads=1), [("a.jpg", data)], 1, 1)
+    ((_, expected, _),) = predict_stream(model, load_backend(model, "auto", threads=1), [("a.jpg", data)], 1, 1)
     got = {p["label"]: p["probability"] for p in answer["predictions"]}
     assert answer["file"] == "a.jpg" and answer["predictions"][0]["label"] == model.class_names[expected.argmax()]
     assert max(abs(got[name] - expected[i]) for i, name in enumerate(model.class_names)) < 1e-5

@@ -18,7 +18,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from benchmarks.browser import find_chromium, start_chromium
 from bundle.manifest import load_model_dir
-from bundle.runtime import load_backend
+from bundle.runtime import load_backend, resolve_backend
 from serving.predict import predict_stream
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def test_page_shows_the_model_from_its_manifest(page, default_model: Path) -> No
         lambda b: (e := b.find_element(By.ID, "model-summary")).text.startswith("Model ") and e,
         "the model summary",
     )
-    accuracy = model.manifest["test_accuracy"]["onnx"]
+    accuracy = model.manifest["test_accuracy"][resolve_backend(model)]  # the backend the service runs
     assert model.name in summary.text and f"{100 * accuracy:.2f}% test accuracy" in summary.text, summary.text
     classes = browser.find_element(By.ID, "model-classes").text
     assert all(name in classes for name in model.class_names), classes
@@ -69,7 +69,7 @@ def test_page_classifies_a_chosen_image_like_the_offline_predictor(
     path = tmp_path / Path(name).name
     path.write_bytes(data)
     model = load_model_dir(default_model)
-    ((_, probabilities, _),) = predict_stream(model, load_backend(model, "onnx", threads=1), [(path.name, data)], 1, 1)
+    ((_, probabilities, _),) = predict_stream(model, load_backend(model, "auto", threads=1), [(path.name, data)], 1, 1)
     expected = model.class_names[int(probabilities.argmax())]
 
     browser.find_element(By.ID, "files").send_keys(str(path))

@@ -23,7 +23,7 @@ from conftest import REPO, run_module
 from helpers import read_test_images
 
 from bundle.manifest import ExportedModel, load_model_dir
-from bundle.runtime import load_backend
+from bundle.runtime import load_backend, resolve_backend
 from serving.predict import predict_stream
 
 PER_CLASS = 3  # images per class in the small labelled tree
@@ -48,7 +48,7 @@ def tree(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="module")
 def expected(model: ExportedModel, tree: Path) -> dict[str, np.ndarray]:
     """Probabilities computed in this process with the predictor's library functions, by file path."""
-    run = load_backend(model, "onnx", threads=1)
+    run = load_backend(model, "auto", threads=1)
     items = [(str(f), f.read_bytes()) for f in sorted(tree.rglob("*.jpg"))]
     return {name: p for name, p, _ in predict_stream(model, run, items, batch_size=64, total=None)}
 
@@ -141,11 +141,12 @@ def test_predict_refuses_bad_usage_and_tampered_model(default_model, tree, tmp_p
     assert missing.returncode == 2 and "manifest.json" in missing.stderr
     tampered = tmp_path / "tampered"
     shutil.copytree(default_model, tampered)
-    data = bytearray((tampered / "model.onnx").read_bytes())
-    data[-100] ^= 0xFF
-    (tampered / "model.onnx").write_bytes(bytes(data))
-    refused = _predict(tampered, image, check=False)
-    assert refused.returncode == 2 and "model.onnx" in refused.stderr and "does not match" in refused.stderr
+    for file, backend in (("model.int8.onnx", "auto"), ("model.onnx", "onnx")):  # auto: the INT8 model
+        data = bytearray((tampered / file).read_bytes())
+        data[-100] ^= 0xFF
+        (tampered / file).write_bytes(bytes(data))
+        refused = _predict(tampered, "--backend", backend, image, check=False)
+        assert refused.returncode == 2 and file in refused.stderr and "does not match" in refused.stderr
 
 
 # ------------------------------------------------------------------ --evaluate
@@ -209,7 +210,8 @@ def test_predict_evaluate_archive_matches_manifest_accuracy(default_model, model
     assert summary["images"] == len(subset) and summary["skipped"] == 0
     assert set(summary["per_class_accuracy"]) == set(model.class_names)
     # The same pixels and the same ONNX graph: equal up to an argmax tie flipped by batch-size numerics.
-    assert abs(summary["accuracy"] - model.manifest["test_accuracy"]["onnx"]) <= 1 / len(subset) + 1e-12
+    expected = model.manifest["test_accuracy"][resolve_backend(model)]  # the backend the predictor runs
+    assert abs(summary["accuracy"] - expected) <= 1 / len(subset) + 1e-12
 
 
 # ------------------------------------------------------------------ no torch, no BentoML

@@ -55,7 +55,7 @@ def model(default_model: Path) -> ExportedModel:
 @pytest.fixture(scope="module")
 def offline(model: ExportedModel):
     """The offline predictor's own path (serving.predict.predict_stream): [(name, bytes)] -> {name: probabilities}."""
-    run = load_backend(model, "onnx", threads=1)
+    run = load_backend(model, "auto", threads=1)
 
     def predict(items: list[tuple[str, bytes]]) -> dict[str, np.ndarray]:
         results = {}
@@ -512,7 +512,7 @@ def test_model_endpoint_returns_manifest(server, model) -> None:
     info = response.json()
     for key in ("name", "class_names", "test_accuracy", "artifacts", "input", "architecture"):
         assert info[key] == model.manifest[key], key
-    assert info["backend"] == "onnx"
+    assert info["backend"] == "onnx_int8"  # auto: the bundle's INT8 model passed its export gate
     assert all(len(entry["sha256"]) == 64 for entry in info["artifacts"].values())
 
 
@@ -590,7 +590,10 @@ def test_classify_refuses_body_over_limit(limited, test_images) -> None:
 # ------------------------------------------------------------------ tampered models
 
 
-def _copy_with_flipped_byte(model_dir: Path, target: Path, file: str = "model.onnx") -> Path:
+SERVED_FILE = "model.int8.onnx"  # the bundle's INT8 model passed its gate: `auto` serves it
+
+
+def _copy_with_flipped_byte(model_dir: Path, target: Path, file: str = SERVED_FILE) -> Path:
     shutil.copytree(model_dir, target)
     data = bytearray((target / file).read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -610,7 +613,7 @@ def test_service_refuses_tampered_model(default_model: Path, tmp_path: Path) -> 
             code = None
         log = served.log(20000)
     assert code not in (None, 0), f"bentoml serve kept running on a tampered model:\n{log[-3000:]}"
-    assert f"{tampered / 'model.onnx'}" in log and "does not match its manifest" in log, log[-3000:]
+    assert f"{tampered / SERVED_FILE}" in log and "does not match its manifest" in log, log[-3000:]
 
 
 def test_verify_checksums_accepts_intact_model(default_model: Path) -> None:
@@ -618,7 +621,7 @@ def test_verify_checksums_accepts_intact_model(default_model: Path) -> None:
 
 
 def test_verify_checksums_refuses_changed_file(default_model: Path, tmp_path: Path) -> None:
-    tampered = load_model_dir(_copy_with_flipped_byte(default_model, tmp_path / "m"))
+    tampered = load_model_dir(_copy_with_flipped_byte(default_model, tmp_path / "m", "model.onnx"))
     with pytest.raises(ModelError, match=r"model\.onnx.*does not match its manifest"):
         verify_checksums(tampered)
     with pytest.raises(ModelError, match="does not match"):
@@ -660,14 +663,15 @@ def test_bentoml_build_packages_the_service_and_the_default_model(tmp_path: Path
 
 @slow
 @pytest.mark.parametrize("backend", ["onnx_int8", "torchscript"])
-def test_other_backends_serve_answers_within_the_export_gates(
+def test_int8_and_torchscript_backends_serve_answers_within_the_export_gates(
     backend, default_model, model, offline, test_images, tmp_path
 ):
-    """torchscript is gated like fp32 ONNX at export (same logits within rtol 1e-3 / atol 1e-4, same top-1);
-    INT8 within 0.5 accuracy points of fp32: the served answers must keep those terms."""
+    """Against the fp32 ONNX model: torchscript is gated like it at export (same logits within rtol 1e-3 /
+    atol 1e-4, same top-1), INT8 within 0.5 accuracy points: the served answers must keep those terms."""
     items = [(f"{label}-{Path(name).name}", data) for name, label, data in test_images[::5]]  # 6 per class
     labels = [model.class_names.index(label) for _, label, _ in test_images[::5]]
-    expected = offline(items)
+    fp32 = load_backend(model, "onnx", threads=1)
+    expected = {name: p for name, p, _ in predict_stream(model, fp32, items, batch_size=64, total=None)}
     with ServedClassifier(
         "--arg", f"model={default_model}", "--arg", f"backend={backend}",
         home=tmp_path / "home", log_path=tmp_path / "server.log",
@@ -694,10 +698,10 @@ def test_a_model_that_fails_to_load_marks_the_worker_dead(default_model: Path, t
     """The ONNX file is replaced by bytes that are not a model, with a manifest that vouches for them (so the
     checksum passes at start): loading fails in the worker, which must say so on /healthz and never be ready."""
     folder = Path(shutil.copytree(default_model, tmp_path / "broken"))
-    (folder / "model.onnx").write_bytes(b"not an onnx model" * 100)
+    (folder / SERVED_FILE).write_bytes(b"not an onnx model" * 100)
     manifest = json.loads((folder / "manifest.json").read_text())
-    data = (folder / "model.onnx").read_bytes()
-    manifest["artifacts"]["onnx"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    data = (folder / SERVED_FILE).read_bytes()
+    manifest["artifacts"]["onnx_int8"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with ServedClassifier("--arg", f"model={folder}", home=tmp_path / "home", log_path=tmp_path / "s.log") as served:
         deadline = time.monotonic() + 120
