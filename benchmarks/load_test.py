@@ -1,12 +1,14 @@
 """HTTP load benchmark: the classification service side by side with a hand-written FastAPI peer.
 
 Starts `bentoml serve serving.service:Classifier` and the peer (benchmarks/peer_fastapi.py: FastAPI + ONNX
-Runtime, one image per forward pass, `uvicorn --workers N`) in turn, with the same model file and the same
-workers x threads, and drives both with the same closed-loop load of real CIFAR-10 test JPEGs from the shared
-archive (multipart, field `images`): at each concurrency level (default 1, 8, 32, 128) that many simulated users
-send one request after another for `--duration` seconds, after `--warmup` seconds that are not counted. It
-reports requests/s, images/s, p50/p95/p99 latency of the answered (200) requests, errors by status code, the
-requests per model batch (service, from /metrics), and the service/peer ratios per level. Before any server
+Runtime, one image per forward pass, `uvicorn --workers N`) side by side, with the same model file (`--backend`)
+and the same workers x threads, and drives both with the same closed-loop load of real CIFAR-10 test JPEGs
+from the shared archive (multipart, field `images`): at each concurrency level (default 1, 8, 32, 128) that
+many simulated users send one request after another for `--duration` seconds, after `--warmup` seconds that
+are not counted. Levels are run server after server, round after round (`--rounds`), so a machine whose speed
+drifts cannot favour either side; each figure is the median over the rounds. It reports requests/s, images/s,
+p50/p95/p99 latency of the answered (200) requests, errors by status code, the requests per model batch
+(service, from /metrics), and the service/peer ratios per level. Before any server
 runs it measures the model alone in this process (`--ort-threads` threads, several batch sizes): the bound.
 `--raw-body` also measures the service's single-image raw-body form of POST /classify; `--compare-workers`
 serves 1 worker x 2 threads and 2 workers x 1 thread. Results (config and machine included) go to

@@ -208,10 +208,9 @@ def parse_multipart(body: bytes, content_type: str, *, max_files: int) -> tuple[
 
 
 def json_body_limit(max_images: int, height: int, width: int, channels: int) -> int:
-    """The largest sensible JSON body of `max_images` pixel arrays: 4 characters per value ("255,"),
-    the brackets, and room for spacing and `k`."""
-    values = max_images * height * width * channels
-    return 2 * (4 * values + 4 * max_images * height * width) + 4096
+    """The largest sensible JSON body of `max_images` pixel arrays: at most 6 characters per value ("255, "
+    plus its share of brackets and line breaks), and room for `k`."""
+    return 6 * max_images * height * width * channels + 4096
 
 
 def parse_pixels(body: bytes, *, max_images: int, shape: tuple[int, int, int]) -> tuple[np.ndarray, object]:

@@ -26,7 +26,7 @@ def test_load_benchmark_runs_the_service_and_the_peer_side_by_side(shared_archiv
     out, plot = tmp_path / "load.json", tmp_path / "load.png"
     run_module(
         "benchmarks.load_test", "--data", str(shared_archive), "--levels", "1", "4", "--duration", "1",
-        "--warmup", "0.5", "--ort-seconds", "0.1", "--ort-batch-sizes", "1", "8", "--raw-body",
+        "--warmup", "0.5", "--rounds", "1", "--ort-seconds", "0.1", "--ort-batch-sizes", "1", "8", "--raw-body",
         "--out", str(out), "--plot", str(plot), timeout=600,
     )  # fmt: skip
     result = json.loads(out.read_text())

@@ -160,3 +160,19 @@ def test_predict_logits_restores_the_mode_when_the_model_fails() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         predict_logits(model, _images(2), ZERO, ONE)
     assert model.training
+
+
+def test_predict_logits_averages_bf16_views_in_fp32() -> None:
+    """Under bf16 autocast each view's logits come out in bf16; TTA must average them as float32 (averaging in
+    bf16 rounds the mean to 8 bits of mantissa and can flip close top-1 calls)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 30 * 30, 10)).eval()
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    _, tta = predict_logits(model, images, mean, std, tta=1, precision="bf16", channels_last=False)
+    x = (images.float() / 255 - 0.5) / 0.25
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, mirror = model(x).float(), model(x.flip(-1)).float()
+    assert tta.dtype == torch.float32
+    torch.testing.assert_close(tta, 0.5 * (plain + mirror), rtol=0, atol=0)
+    assert not torch.equal(tta, (0.5 * (plain.bfloat16() + mirror.bfloat16())).float()), "bf16 averaging would pass too"

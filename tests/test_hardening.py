@@ -164,15 +164,19 @@ def test_unknown_paths_collapse_into_one_metrics_label(guarded) -> None:
 
 
 def test_oversized_json_is_refused_before_parsing(guarded, jpeg) -> None:
-    body = json.dumps({"pixels": np.zeros((250, 32, 32, 3), int).tolist()}).encode()  # ~2.3 MB of JSON
+    """250 images of compact JSON (1.5 MB): under the 2 MiB body limit, over what 64 images can take (~1.2 MB).
+    It must be refused by its size, before any parsing (before, the service parsed it on the event loop and
+    only then counted the images)."""
+    body = json.dumps({"pixels": np.zeros((250, 32, 32, 3), int).tolist()}, separators=(",", ":")).encode()
+    assert 1.4e6 < len(body) < 2 * 2**20
     with NormalClient(guarded, jpeg) as client:
         for _ in range(8):
             headers = {"content-type": "application/json"}
             response = httpx.post(f"{guarded.url}/classify_pixels", content=body, headers=headers, timeout=TIMEOUT)
             assert response.status_code == 413, response.text[:300]
-    assert "limit" in response.json()["error"]
+            assert "exceeds" in response.json()["error"], response.text[:300]  # the size, not the image count
     _assert_all_answered(client, "oversized JSON bodies")
-    # The largest valid body (64 images) is parsed off the event loop and answered.
+    # The largest valid body (64 images, with spaces) is parsed off the event loop and answered.
     big = {"pixels": np.full((64, 32, 32, 3), 255).tolist(), "k": 1}
     response = httpx.post(f"{guarded.url}/classify_pixels", json=big, timeout=TIMEOUT)
     assert response.status_code == 200 and len(response.json()) == 64

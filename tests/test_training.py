@@ -341,6 +341,19 @@ def test_fit_nonfinite_loss_in_the_first_epoch_writes_no_checkpoint(shared_archi
     assert not (out / "checkpoint.pt").exists() and not (out / "report.json").exists()
 
 
+def test_fit_unexpected_error_keeps_its_traceback_in_the_log(interrupted_run: Path, tmp_path: Path) -> None:
+    """An error the trainer does not expect (here a weight of the wrong shape, as a CUDA error would be) exits 1
+    with its whole traceback in the log, not a one-line message that hides where it came from."""
+    run = _copy_run(interrupted_run, tmp_path)
+    state = load_state(run)
+    state["model"]["fc3.weight"] = state["model"]["fc3.weight"][:, :5]
+    torch.save(state, run / "checkpoint.pt")
+    result = run_module("trainer.fit", "--resume", str(run), check=False, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "training failed" in result.stderr and "Traceback (most recent call last)" in result.stderr
+    assert "size mismatch" in result.stderr and "trainer/fit.py" in result.stderr, result.stderr[-3000:]
+
+
 # ------------------------------------------------------------------ refusing to overwrite
 
 
