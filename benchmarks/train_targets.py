@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,7 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default: cpu)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per recipe (default: 0 1 2)")
-    parser.add_argument("--extra", default="", help="extra trainer.fit flags for every run (e.g. '--compile')")
+    parser.add_argument(
+        "--extra", default="", help="extra trainer.fit flags for every run, as one string (e.g. --extra=--compile)"
+    )
     parser.add_argument(
         "--old-recipe", action=argparse.BooleanOptionalAction, default=True,
         help=f"also run the previous default recipe ({' '.join(OLD_RECIPE)}) (default: yes)",
@@ -61,6 +64,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="wall-time budgets in seconds for single runs of the default recipe, epochs scaled to fit (default: 300 1800)",
     )  # fmt: skip
     parser.add_argument("--runs-dir", default="runs/benchmark", help="where the run folders go (default: %(default)s)")
+    parser.add_argument(
+        "--tag",
+        help="name prefix of this benchmark's run folders (default: device and time); give an interrupted "
+        "benchmark's tag to reuse its finished runs (with the wall times measured then) and redo the rest",
+    )
     parser.add_argument(
         "--out", default=str(RESULTS / "train_targets.json"), help="results JSON (default: %(default)s)"
     )
@@ -73,19 +81,30 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------ one run
 
 
-def run_fit(out: Path, args: argparse.Namespace, flags: list[str], test: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    """One trainer.fit process to completion, then its per-epoch test accuracy (after the fact)."""
+def run_fit(
+    out: Path, args: argparse.Namespace, flags: list[str], test: tuple[torch.Tensor, torch.Tensor], with_curve: bool
+) -> dict:
+    """One trainer.fit process to completion, then (with_curve) its per-epoch test accuracy, after the fact."""
     command = [sys.executable, "-m", "trainer.fit", "--data", args.data, "--device", args.device, "--out", str(out),
                "--val-size", "0", "--keep-epoch-weights", *args.extra.split(), *flags]  # fmt: skip
     print("$", " ".join(["python", *command[1:]]), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f"{out.name}.log", "w") as log:  # the run's own log and progress bars
-        start = time.perf_counter()
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
-        wall = time.perf_counter() - start
+    measured = out / "benchmark_wall.json"  # written once the run has finished: a rerun with --tag reuses it
+    if measured.exists():
+        wall = json.loads(measured.read_text())["process_wall_s"]
+        print(f"  (finished in an earlier invocation with this --tag: {wall:.0f} s wall, reused)", flush=True)
+    else:
+        if out.exists():  # cut off in an earlier invocation: its timing is lost, so it runs again from the start
+            print(f"  (unfinished in an earlier invocation: {out} removed, run again)", flush=True)
+            shutil.rmtree(out)
+        with open(out.parent / f"{out.name}.log", "w") as log:  # the run's own log and progress bars
+            start = time.perf_counter()
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+            wall = time.perf_counter() - start
+        measured.write_text(json.dumps({"process_wall_s": wall}) + "\n")
     report = json.loads((out / "report.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    curve = epoch_curve(out, metrics, report, test, args.device)
+    curve = epoch_curve(out, metrics, report, test, args.device) if with_curve else []
     row = {
         "command": " ".join(["python", *command[1:]]),
         "model": report["model"],
@@ -111,9 +130,11 @@ def run_fit(out: Path, args: argparse.Namespace, flags: list[str], test: tuple[t
 
 def epoch_curve(out: Path, metrics: list[dict], report: dict, test, device: str) -> list[dict]:
     """Test accuracy (plain and with the run's TTA) of the weights kept at each epoch's end, against the wall
-    time at that epoch's end; the last point is the finished run (its report, at its process wall time)."""
+    time at that epoch's end; the last point's weights and accuracy are the finished run's (its report), at the
+    end of its last epoch (the final evaluation and the report take the process about half a minute more)."""
     images, labels = test
     tta = report["test_tta"]["level"]
+    precision = report["environment"]["precision"]  # as the run's own evaluation, so the last point is its report
     points = []
     for row in metrics:
         weights_file = out / "epochs" / f"epoch-{row['epoch']:03d}.pt"
@@ -121,7 +142,9 @@ def epoch_curve(out: Path, metrics: list[dict], report: dict, test, device: str)
         model = build_model(state.model_name, state.num_classes)
         model.load_state_dict(state.weights)
         mean, std = (torch.tensor(state.normalization[k]) for k in ("mean", "std"))
-        plain, with_tta = predict_logits(model.to(device), images.to(device), mean.to(device), std.to(device), tta=tta)
+        plain, with_tta = predict_logits(
+            model.to(device), images.to(device), mean.to(device), std.to(device), tta=tta, precision=precision
+        )
         points.append(
             {
                 "epoch": row["epoch"],
@@ -250,7 +273,7 @@ def print_tables(payload: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     runs = Path(args.runs_dir)
-    tag = f"{args.device}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    tag = args.tag or f"{args.device}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     data = load_dataset(args.data)
     test = (torch.from_numpy(data.test_images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(data.test_labels))
     payload = {
@@ -271,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, label, flags in recipes:
         rows = []
         for seed in args.seeds:
-            rows.append(run_fit(runs / f"{tag}-{name}-seed{seed}", args, [*flags, "--seed", str(seed)], test))
+            rows.append(run_fit(runs / f"{tag}-{name}-seed{seed}", args, [*flags, "--seed", str(seed)], test, True))
             payload[name] = {"label": label, "flags": flags, "runs": rows, "summary": summarize(rows)}
             save()
 
@@ -285,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     payload["budgets"] = []
     for budget in args.budgets:
         budget_epochs = max(1, int((budget - fixed_s) / per_epoch_s * 0.97))  # a small margin for noise
-        row = run_fit(runs / f"{tag}-budget-{budget:g}s", args, ["--epochs", str(budget_epochs), "--seed", "0"], test)
+        flags = ["--epochs", str(budget_epochs), "--seed", "0"]
+        row = run_fit(runs / f"{tag}-budget-{budget:g}s", args, flags, test, False)  # its end point is what counts
         payload["budgets"].append({**row, "budget_s": budget, "scaled_from_epochs": epochs})
         save()
 

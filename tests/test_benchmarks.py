@@ -53,3 +53,30 @@ def test_peer_answers_like_the_service(default_model: Path, shared_archive: Path
     got = {p["label"]: p["probability"] for p in answer["predictions"]}
     assert answer["file"] == "a.jpg" and answer["predictions"][0]["label"] == model.class_names[expected.argmax()]
     assert max(abs(got[name] - expected[i]) for i, name in enumerate(model.class_names)) < 1e-5
+
+
+def test_train_targets_runs_every_recipe_and_reuses_finished_runs(shared_archive: Path, tmp_path: Path) -> None:
+    """Toy size: one seed per recipe on 256 training images, a budget run, the curve and plot; then the same
+    --tag again reuses every finished run (and its measured wall time) instead of training again."""
+    out, plot = tmp_path / "targets.json", tmp_path / "targets.png"
+    args = [
+        "--data", str(shared_archive), "--seeds", "0", "--budgets", "30", "--tag", "smoke",
+        "--extra", "--train-subset 256 --epochs 2 --tta 0", "--runs-dir", str(tmp_path / "runs"),
+        "--out", str(out), "--plot", str(plot),
+    ]  # fmt: skip
+    run_module("benchmarks.train_targets", *args, timeout=900)
+    first = json.loads(out.read_text())
+    (default,), (old,) = first["default"]["runs"], first["old_recipe"]["runs"]
+    assert [p["epoch"] for p in default["curve"]] == [1, 2] and len(old["curve"]) == old["epochs"] == 5
+    for run in (default, old):  # the curve's last point is the finished run's own report
+        assert run["curve"][-1]["test_accuracy"] == pytest.approx(run["test_accuracy"], abs=1e-6)
+        assert run["curve"][-1]["wall_s"] <= run["process_wall_s"]
+    (budget,) = first["budgets"]
+    assert budget["budget_s"] == 30 and budget["curve"] == []
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = run_module("benchmarks.train_targets", *args, timeout=900)
+    assert again.stdout.count("reused") == 3, again.stdout
+    second = json.loads(out.read_text())
+    assert second["default"]["runs"][0]["process_wall_s"] == default["process_wall_s"]
+    assert second["budgets"][0]["epochs"] == budget["epochs"]
