@@ -61,7 +61,7 @@ def test_train_targets_runs_every_recipe_and_reuses_finished_runs(shared_archive
     out, plot = tmp_path / "targets.json", tmp_path / "targets.png"
     args = [
         "--data", str(shared_archive), "--seeds", "0", "--budgets", "30", "--tag", "smoke",
-        "--extra", "--train-subset 256 --epochs 2 --tta 0", "--runs-dir", str(tmp_path / "runs"),
+        "--extra", "--train-subset 256 --batch-size 128 --epochs 2 --tta 0", "--runs-dir", str(tmp_path / "runs"),
         "--out", str(out), "--plot", str(plot),
     ]  # fmt: skip
     run_module("benchmarks.train_targets", *args, timeout=900)
