@@ -97,10 +97,14 @@ def run_fit(
         if out.exists():  # cut off in an earlier invocation: its timing is lost, so it runs again from the start
             print(f"  (unfinished in an earlier invocation: {out} removed, run again)", flush=True)
             shutil.rmtree(out)
-        with open(out.parent / f"{out.name}.log", "w") as log:  # the run's own log and progress bars
+        log_path = out.parent / f"{out.name}.log"  # the run's own log and progress bars
+        with open(log_path, "w") as log:
             start = time.perf_counter()
-            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
             wall = time.perf_counter() - start
+        if code != 0:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-5:])
+            raise SystemExit(f"trainer.fit exited with status {code}; the end of its log ({log_path}):\n{tail}")
         measured.write_text(json.dumps({"process_wall_s": wall}) + "\n")
     report = json.loads((out / "report.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
