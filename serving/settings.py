@@ -13,17 +13,19 @@ from bundle.preprocess import DEFAULT_MAX_PIXELS
 
 class ServiceSettings(BaseModel):
     model: str = ""  # exported model folder; empty: $CLASSIFIER_MODEL or exported_models/default
-    # auto: the INT8 model when its export gate passed (2.7x the fp32 model's images/s on one core here, same
-    # test accuracy for the bundled model; README), else fp32 ONNX.
+    # auto: the INT8 model when its export gate passed (2.4x the fp32 model's images/s at batch 64, same test
+    # accuracy for the bundled model: README, benchmarks/inference_speed.py), else fp32 ONNX.
     backend: Literal["auto", "onnx", "onnx_int8", "torchscript"] = "auto"
     # One worker process per usable core, one intra-op thread each: on 2 cores this served 46% more
-    # requests/s at concurrency 32 than 1 worker x 2 threads, p99 230 vs 308 ms (README, load benchmark
-    # `--compare-workers`): request parsing runs in parallel, and small batches parallelise poorly in one process.
+    # requests/s at concurrency 32 than 1 worker x 2 threads, p99 230 vs 308 ms (2026-11-27, AVX2 machine,
+    # `python -m benchmarks.load_test --compare-workers`): request parsing runs in parallel, and small batches
+    # parallelise poorly in one process.
     workers: int = Field(0, ge=0)  # service worker processes; 0: one per usable core
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads per worker; 0: usable cores / workers
     max_batch_size: int = Field(64, ge=2)  # images per adaptive batch
     # A lone request of at most this many images (nothing else queued) runs on the event loop instead of the
-    # model thread: under light load the hand-off costs more than it saves (README, load benchmark).
+    # model thread: under light load the hand-off to the model thread costs more than it saves (about 0.5 ms
+    # per request, serving/batching.py).
     inline_max_images: int = Field(1, ge=0)
     # A request the model's queue would answer later than this is refused at once (503); 0: timeout_s.
     max_latency_ms: int = Field(0, ge=0)
