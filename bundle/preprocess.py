@@ -6,11 +6,13 @@ so the same file gives the same answer through each. Pillow and numpy only.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import stat
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,27 +57,44 @@ def decode_image(
 ) -> np.ndarray:
     """Image file bytes (PNG, JPEG, BMP, GIF, WebP, TIFF; any size or mode) -> uint8 (H, W, 3) RGB
     at the contract's size. Raises ImageError naming `name` for anything unusable."""
+    return load_image(open_image(data, name=name, max_pixels=max_pixels), contract, name=name)
+
+
+def open_image(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Image file bytes -> a Pillow image whose header alone has been read (`.size` is what it declares); no
+    pixel is decoded yet. Raises ImageError for an empty file, another format, or more than `max_pixels`."""
     if not data:
         raise ImageError(f"{name}: the file is empty")
+    with _image_errors(name):
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    check_declared_size(image.size, max_pixels, name)
+    return image
+
+
+def load_image(image: Image.Image, contract: dict, *, name: str = "image") -> np.ndarray:
+    """An image from `open_image` -> uint8 (H, W, 3) RGB at the contract's size (decodes it)."""
+    with _image_errors(name):
+        image.seek(0)  # first frame of animations (GIF, WebP, multi-page TIFF)
+        if image.format == "JPEG" and (request := _jpeg_draft_size(image.size, contract)):
+            image.draft(None, request)  # DCT-domain downscaling: a fraction of the decoding work
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    return to_contract_pixels(image, contract)
+
+
+@contextlib.contextmanager
+def _image_errors(name: str) -> Iterator[None]:
+    """Pillow's many exception types (and its decompression-bomb warning) -> one ImageError naming the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-            check_declared_size(image.size, max_pixels, name)  # from the header: nothing decoded yet
-            image.seek(0)  # first frame of animations (GIF, WebP, multi-page TIFF)
-            if image.format == "JPEG" and (request := _jpeg_draft_size(image.size, contract)):
-                image.draft(None, request)  # DCT-domain downscaling: a fraction of the decoding work
-            image.load()
-            image = ImageOps.exif_transpose(image)
-    except ImageError:
-        raise
+            yield
     except UnidentifiedImageError as err:
         raise ImageError(f"{name}: not a recognised image format (PNG, JPEG, BMP, GIF, WebP or TIFF)") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{name}: refused as a possible decompression bomb ({err})") from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"{name}: truncated or corrupt image ({err})") from err
-    return to_contract_pixels(image, contract)
 
 
 def _jpeg_draft_size(size: tuple[int, int], contract: dict) -> tuple[int, int] | None:
@@ -99,15 +118,6 @@ def decode_images(
             for blob, name in zip(blobs, names, strict=True)
         ]
     )
-
-
-def declared_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from an image file's header alone ((0, 0) for what is not an image); nothing is decoded."""
-    try:
-        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
-            return image.size
-    except Exception:  # Pillow raises many types on garbage; a bad file is refused when it is decoded
-        return 0, 0
 
 
 def check_declared_size(size: tuple[int, int], max_pixels: int, name: str) -> None:

@@ -10,12 +10,17 @@ Requests are read in memory under limits (bytes, time, a per-worker byte budget)
 worker's `max_concurrency` slots only once their body has arrived, so slow uploads never hold a slot.
 Errors are JSON {"error": message, "status": code}; every answer carries `X-Content-Type-Options:
 nosniff`. Work stops when the client disconnects.
+
+The two classification routes (`Api.hot_routes`) are complete on their own: they count their answers
+(`on_answer`: the service's request histogram), answer 504 past `timeout_s` and 500 on a bug, so the server
+calls them without BentoML's middleware (serving/bentoml_adapter.py, 5).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -47,11 +52,13 @@ from serving.settings import ServiceSettings
 if TYPE_CHECKING:
     from bundle.manifest import ExportedModel
 
+log = logging.getLogger("serving")
 STATIC = Path(__file__).parent / "static"
 WATCH_FROM_BYTES = 256 * 1024  # bodies from this size may hold large images: always watch for the client leaving
 ROUTES = ("/", "/docs", "/docs.json", "/model", "/classify", "/classify_pixels")
 Send = Callable[[dict], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict]]
+Reader = Callable[[dict, bytes, float], Awaitable[tuple[int, object]]]  # (scope, body, arrival) -> (status, answer)
 MODEL_INFO_KEYS = (
     "name",
     "architecture",
@@ -100,9 +107,15 @@ class Api:
     after this app), which owns the model, the batcher and the decoder."""
 
     def __init__(
-        self, settings: ServiceSettings, model: ExportedModel, backend: str, service: Callable[[], object]
+        self,
+        settings: ServiceSettings,
+        model: ExportedModel,
+        backend: str,
+        service: Callable[[], object],
+        on_answer: Callable[[str, int, float], None] = lambda path, status, seconds: None,
     ) -> None:
         self.settings = settings
+        self.on_answer = on_answer  # (path, status, seconds) of each answered /classify or /classify_pixels
         self.model = model
         self.backend = backend
         self.service = service
@@ -116,6 +129,11 @@ class Api:
         self.upload_limits = BodyLimits(int(settings.max_body_mb * 2**20), settings.body_timeout_s, 64 * 1024)
         json_limit = min(self.upload_limits.max_bytes, json_body_limit(settings.max_images, height, width, channels))
         self.json_limits = BodyLimits(json_limit, settings.body_timeout_s, 64 * 1024)
+
+    def hot_routes(self) -> dict[tuple[str, str], Callable[[dict, Receive, Send], Awaitable[None]]]:
+        """The classification routes, which keep their own request metrics (`on_answer`), time limit (504) and
+        error answers, so that the server may call them directly, without a framework's middleware."""
+        return {("POST", "/classify"): self.classify, ("POST", "/classify_pixels"): self.classify_pixels}
 
     def app(self) -> Starlette:
         endpoints = {
@@ -132,78 +150,86 @@ class Api:
     # -------------------------------------------------------------- the API
 
     async def classify(self, scope: dict, receive: Receive, send: Send) -> None:
+        await self._handle(scope, receive, send, self._upload_reader)
+
+    async def classify_pixels(self, scope: dict, receive: Receive, send: Send) -> None:
+        await self._handle(scope, receive, send, self._pixels_reader)
+
+    def _upload_reader(self, scope: dict) -> tuple[BodyLimits, Reader]:
         content_type = (_header(scope, b"content-type") or b"").decode("latin-1")
         kind = content_type.split(";")[0].strip().lower()
         if kind == "multipart/form-data":
-            read = self._read_form
-        elif kind.startswith("image/") or kind == "application/octet-stream":
-            read = self._read_raw_image
-        else:
-            return await send_error(
-                send,
-                415,
-                f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data with "
-                "image files in the field 'images', or one image as the body with Content-Type image/*",
-            )
-        await self._handle(scope, receive, send, self.upload_limits, read)
+            return self.upload_limits, self._read_form
+        if kind.startswith("image/") or kind == "application/octet-stream":
+            return self.upload_limits, self._read_raw_image
+        raise RequestError(
+            415,
+            f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data with "
+            "image files in the field 'images', or one image as the body with Content-Type image/*",
+        )
 
-    async def classify_pixels(self, scope: dict, receive: Receive, send: Send) -> None:
+    def _pixels_reader(self, scope: dict) -> tuple[BodyLimits, Reader]:
         content_type = (_header(scope, b"content-type") or b"").decode("latin-1")
-        if content_type.split(";")[0].strip().lower() != "application/json":
-            return await send_error(
-                send,
-                415,
-                f"content type {content_type or 'none'!r} is not accepted; send application/json "
-                '{"pixels": [...], "k": 3}',
-            )
-        await self._handle(scope, receive, send, self.json_limits, self._read_pixels)
+        if content_type.split(";")[0].strip().lower() == "application/json":
+            return self.json_limits, self._read_pixels
+        raise RequestError(
+            415,
+            f"content type {content_type or 'none'!r} is not accepted; send application/json "
+            '{"pixels": [...], "k": 3}',
+        )
 
-    async def _handle(self, scope: dict, receive: Receive, send: Send, limits: BodyLimits, read) -> None:
-        """Body, slot, then the work, which is abandoned if the client disconnects."""
+    async def _handle(self, scope: dict, receive: Receive, send: Send, reader: Callable[[dict], tuple]) -> None:
+        """Answers the request, then reports its status and seconds to `on_answer` (nothing if the client left)."""
         start = time.monotonic()
+        try:
+            limits, read = reader(scope)
+            status, payload = await self._answer(scope, receive, limits, read, start)
+        except RequestError as err:
+            status = err.status
+            await send_error(send, status, err.message, close=err.close)
+        except (ClientGone, RequestGone):
+            return
+        except Exception:  # a bug, not the request's fault: logged, answered as JSON like every other error
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            status = 500
+            await send_error(send, status, "internal error; the server's log has the details")
+        else:
+            await send_json(send, status, payload)
+        self.on_answer(scope["path"], status, time.monotonic() - start)
+
+    async def _answer(
+        self, scope: dict, receive: Receive, limits: BodyLimits, read: Reader, start: float
+    ) -> tuple[int, object]:
+        """Body, slot, then the work: abandoned if the client disconnects, 504 past `timeout_s` (counted from
+        the end of the body, which has its own time limit)."""
         service = self.service()
         if not service.ready:
-            return await send_error(send, 503, "the model is still warming up; retry shortly (GET /readyz says when)")
+            raise RequestError(503, "the model is still warming up; retry shortly (GET /readyz says when)")
         declared = _header(scope, b"content-length")
-        try:
-            body = await read_body(
-                receive, int(declared) if declared and declared.isdigit() else None, limits, self.buffer
-            )
-        except RequestError as err:
-            return await send_error(send, err.status, err.message, close=err.close)
-        except ClientGone:
-            return
+        body = await read_body(receive, int(declared) if declared and declared.isdigit() else None, limits, self.buffer)
         try:
             if self.slots.active >= self.slots.limit:
-                return await send_error(
-                    send, 429, f"too many requests in flight (limit {self.settings.max_concurrency})"
-                )
+                raise RequestError(429, f"too many requests in flight (limit {self.settings.max_concurrency})")
             self.slots.active += 1
             try:
-                if not service.batcher.busy and len(body) <= WATCH_FROM_BYTES:
-                    status, payload = await read(scope, body, start)  # no wait ahead: nothing to abandon
-                else:  # it may wait (a queue, large images): stop if the client leaves meanwhile
-                    work = asyncio.ensure_future(read(scope, body, start))
-                    gone = asyncio.ensure_future(receive())  # completes (http.disconnect) only if the client leaves
-                    await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
-                    if not work.done():
-                        work.cancel()
-                        return
-                    gone.cancel()
-                    status, payload = work.result()
+                async with asyncio.timeout(self.settings.timeout_s):
+                    if not service.batcher.busy and len(body) <= WATCH_FROM_BYTES:
+                        return await read(scope, body, start)  # no wait ahead: nothing to abandon
+                    # it may wait (a queue, large images): stop if the client leaves meanwhile
+                    answer = await _unless_client_leaves(receive, read(scope, body, start))
+                    if answer is None:
+                        raise ClientGone
+                    return answer
             finally:
                 self.slots.active -= 1
-        except RequestError as err:
-            return await send_error(send, err.status, err.message, close=err.close)
+        except TimeoutError:
+            raise RequestError(504, f"not answered within {self.settings.timeout_s} s; retry later") from None
         except ImageError as err:
-            return await send_error(send, 400, str(err))
+            raise RequestError(400, str(err)) from None
         except WouldMissDeadline as err:
-            return await send_error(send, 503, f"the model is busy: {err}; retry shortly")
-        except RequestGone:
-            return
+            raise RequestError(503, f"the model is busy: {err}; retry shortly") from None
         finally:
             self.buffer.used -= len(body)
-        await send_json(send, status, payload)
 
     async def _read_form(self, scope: dict, body: bytes, start: float) -> tuple[int, object]:
         content_type = (_header(scope, b"content-type") or b"").decode("latin-1")
@@ -244,6 +270,31 @@ class Api:
         from serving.openapi import openapi_spec
 
         await send_json(send, 200, openapi_spec(self.model, self.settings))
+
+
+async def _unless_client_leaves(receive: Receive, work: Awaitable[tuple[int, object]]) -> tuple[int, object] | None:
+    """`work`'s result, or None when the client disconnected first (the work is then cancelled). One watcher
+    task cancels this one: cheaper than running the work in a task of its own beside it."""
+    this = asyncio.current_task()
+    left = False
+
+    def client_left(watch: asyncio.Future) -> None:
+        nonlocal left
+        if not watch.cancelled():  # receive() completes after the body only with http.disconnect
+            left = True
+            this.cancel()
+
+    watch = asyncio.ensure_future(receive())
+    watch.add_done_callback(client_left)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if left and this.uncancel() == 0:
+            return None
+        raise
+    finally:
+        watch.remove_done_callback(client_left)
+        watch.cancel()
 
 
 class _RoutesOnly(Starlette):

@@ -15,8 +15,9 @@ import concurrent.futures
 import threading
 
 import numpy as np
+from PIL import Image
 
-from bundle.preprocess import ImageError, check_declared_size, declared_size, decode_image
+from bundle.preprocess import ImageError, load_image, open_image
 from serving.requests import RequestError, Upload
 
 INLINE_DECODE_PIXELS = 64 * 64 * 16  # declared pixels per request decoded on the event loop (16 images of 64x64)
@@ -41,24 +42,24 @@ class Decoder:
 
     async def decode(self, uploads: list[Upload]) -> np.ndarray:
         """Raises ImageError (a bad image, 400), RequestError (over a budget), or RequestGone."""
-        sizes = [declared_size(upload.data) for upload in uploads]
-        for upload, size in zip(uploads, sizes, strict=True):
-            check_declared_size(size, self.max_pixels, upload.name)  # before any budget is spent
-        total = sum(width * height for width, height in sizes)
+        # Headers only (sizes checked against max_pixels), before any budget is spent or pixel decoded.
+        images = [open_image(upload.data, name=upload.name, max_pixels=self.max_pixels) for upload in uploads]
+        total = sum(image.width * image.height for image in images)
         if total > self.max_request_pixels:
             raise RequestError(
                 413,
                 f"the {len(uploads)} images declare {total:,} pixels in all; the limit per request is "
                 f"{self.max_request_pixels:,} (send fewer or smaller images)",
             )
+        names = [upload.name for upload in uploads]
         if total <= INLINE_DECODE_PIXELS:
-            return self._decode_all(uploads, None)
+            return self._decode_all(images, names, None)
         if self.in_flight and self.in_flight + total > self.max_pixels_in_flight:
             raise RequestError(503, "the server is busy decoding other large images; retry shortly")
         self.in_flight += total
         stop = threading.Event()
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, self._decode_all, uploads, stop)
+        future = loop.run_in_executor(self._pool, self._decode_all, images, names, stop)
 
         def release(done: asyncio.Future) -> None:
             self.in_flight -= total
@@ -72,13 +73,13 @@ class Decoder:
             stop.set()  # the thread finishes its current image, then gives up
             raise
 
-    def _decode_all(self, uploads: list[Upload], stop: threading.Event | None) -> np.ndarray:
-        images = []
-        for upload in uploads:
+    def _decode_all(self, images: list[Image.Image], names: list[str], stop: threading.Event | None) -> np.ndarray:
+        pixels = []
+        for image, name in zip(images, names, strict=True):
             if stop is not None and stop.is_set():
                 raise RequestGone
-            images.append(decode_image(upload.data, self.contract, name=upload.name, max_pixels=self.max_pixels))
-        return np.stack(images)
+            pixels.append(load_image(image, self.contract, name=name))
+        return np.stack(pixels)
 
 
 __all__ = ["Decoder", "ImageError", "RequestGone"]

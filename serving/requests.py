@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs
@@ -63,27 +62,29 @@ async def read_body(receive: Receive, declared: int | None, limits: BodyLimits, 
     if declared is not None and declared > limits.max_bytes:
         raise RequestError(413, f"request body of {declared:,} bytes exceeds the {_size(limits.max_bytes)} limit")
     allowed = limits.timeout_s + (declared if declared is not None else limits.max_bytes) / limits.min_rate
-    deadline = time.monotonic() + allowed
     chunks: list[bytes] = []
     size = 0
     try:
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), timeout=max(deadline - time.monotonic(), 0))
-            except asyncio.TimeoutError:
-                raise RequestError(
-                    408, f"the request body did not arrive within {allowed:.0f} s ({_size(size)} received)", close=True
-                ) from None
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            if size + len(chunk) > limits.max_bytes:
-                raise RequestError(413, f"request body exceeds the {_size(limits.max_bytes)} limit", close=True)
-            budget.take(len(chunk))
-            size += len(chunk)
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
+        # One timer for the whole body, not one per message: asyncio.wait_for wraps each receive() in a task
+        # of its own, and that cost every request (most bodies arrive with their headers, in one message).
+        async with asyncio.timeout(allowed):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                chunk = message.get("body", b"")
+                if size + len(chunk) > limits.max_bytes:
+                    raise RequestError(413, f"request body exceeds the {_size(limits.max_bytes)} limit", close=True)
+                budget.take(len(chunk))
+                size += len(chunk)
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    return b"".join(chunks)
+    except TimeoutError:
+        budget.used -= size
+        raise RequestError(
+            408, f"the request body did not arrive within {allowed:.0f} s ({_size(size)} received)", close=True
+        ) from None
     except BaseException:
         budget.used -= size
         raise

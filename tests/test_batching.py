@@ -50,26 +50,29 @@ def test_batcher_runs_a_lone_request_at_once_in_a_batch_of_its_own() -> None:
     assert result[:, 0].tolist() == [7, 8] and model.batches == [[7, 8]]
 
 
-def test_batcher_runs_a_lone_small_request_on_the_event_loop_and_the_rest_in_its_model_thread() -> None:
-    """Under light load the hand-off to the model thread costs more than it saves: a lone request of at most
-    `inline_max_images` images runs right on the event loop; bigger or gathered batches go to the thread."""
+def test_batcher_runs_short_batches_on_the_event_loop_and_long_ones_in_its_model_thread() -> None:
+    """A batch the cost model expects to take less than `inline_max_seconds` runs right on the event loop (no
+    hand-off to the model thread and back); a longer one in the thread, so that the loop keeps answering."""
     model = Model()
-    batcher = AdaptiveBatcher(model, max_batch_size=64, inline_max_images=2)
+    batcher = AdaptiveBatcher(model, max_batch_size=64, inline_max_seconds=0.025)
+    for n in (1, 2, 4):
+        batcher.cost.record(n, 0.01 * n)  # 10 ms per image: 2 images are expected to take 20 ms, 3 take 30 ms
 
     async def scenario() -> str:
-        await batcher.submit(images(1, 2), far())  # lone, small: on the loop
-        await batcher.submit(images(3, 4, 5), far())  # lone, but bigger: in the thread
-        await asyncio.gather(*(batcher.submit(images(v), far()) for v in (6, 7)))  # gathered: in the thread
+        await batcher.submit(images(1, 2), far())  # 20 ms: on the loop
+        await batcher.submit(images(3, 4, 5), far())  # 30 ms: in the thread
+        await asyncio.gather(*(batcher.submit(images(v), far()) for v in (6, 7)))  # gathered, 20 ms: on the loop
         return threading.current_thread().name
 
     loop_thread = asyncio.run(scenario())
     assert model.batches == [[1, 2], [3, 4, 5], [6, 7]]
-    assert model.threads[0] == loop_thread and all(t.startswith("model") for t in model.threads[1:]), model.threads
+    assert model.threads[0] == loop_thread == model.threads[2], model.threads
+    assert model.threads[1].startswith("model"), model.threads
 
 
 def test_batcher_gathers_requests_that_arrive_while_the_model_is_busy() -> None:
     model = Model()
-    batcher = AdaptiveBatcher(model, max_batch_size=64, inline_max_images=0)  # held in its thread
+    batcher = AdaptiveBatcher(model, max_batch_size=64, inline_max_seconds=0)  # held in its thread
 
     async def scenario() -> list[np.ndarray]:
         model.release.clear()
@@ -101,7 +104,7 @@ def test_batcher_splits_a_request_larger_than_a_batch_and_rejoins_it_in_order() 
 
 def test_batcher_refuses_at_once_what_its_queue_cannot_serve_before_the_deadline() -> None:
     model = Model()
-    batcher = AdaptiveBatcher(model, max_batch_size=8, inline_max_images=0)
+    batcher = AdaptiveBatcher(model, max_batch_size=8, inline_max_seconds=0)
     batcher.cost.record(8, 1.0)  # the model is known to take 1/8 s per image
 
     async def scenario() -> tuple[list, BaseException | None]:
@@ -132,7 +135,7 @@ def test_batcher_never_refuses_when_idle_even_a_slow_request() -> None:
 
 def test_batcher_withdraws_the_queued_images_of_a_cancelled_request() -> None:
     model = Model()
-    batcher = AdaptiveBatcher(model, max_batch_size=64, inline_max_images=0)
+    batcher = AdaptiveBatcher(model, max_batch_size=64, inline_max_seconds=0)
 
     async def scenario() -> None:
         model.release.clear()

@@ -15,7 +15,9 @@ import http.server
 import io
 import json
 import os
+import re
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -530,6 +532,131 @@ def test_service_answers_health_metrics_and_docs(server) -> None:
     spec = httpx.get(f"{server.url}/docs.json", timeout=TIMEOUT).json()
     assert {"/classify", "/classify_pixels", "/model"} <= set(spec["paths"])
     assert httpx.get(f"{server.url}/static_content/swagger-ui-bundle.js", timeout=TIMEOUT).status_code == 200
+
+
+# ------------------------------------------------------------------ the hot path: direct routes, one write per answer
+
+
+def _metric_samples(server: ServedClassifier, family_name: str) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} of one metric family in /metrics, summed over the workers."""
+    text = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT).text
+    values: Counter[tuple] = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name == family_name:
+            for sample in family.samples:
+                values[(sample.name, tuple(sorted(sample.labels.items())))] += sample.value
+    return dict(values)
+
+
+def _answered(server: ServedClassifier, endpoint: str, status: int) -> float:
+    samples = _metric_samples(server, "classifier_request_duration_seconds")
+    key = ("classifier_request_duration_seconds_count", (("endpoint", endpoint), ("http_response_code", str(status))))
+    return samples.get(key, 0.0)
+
+
+@slow
+def test_classification_routes_skip_bentoml_middleware_and_keep_their_own_metrics(server, test_images) -> None:
+    """/classify and /classify_pixels are called by the HTTP protocol directly (serving/bentoml_adapter.py, 5):
+    BentoML's request metrics never see them, the service's own histogram counts them by status."""
+    before = {status: _answered(server, "/classify", status) for status in (200, 400, 415)}
+    pixels_before = _answered(server, "/classify_pixels", 200)
+    assert _post_images(server, [("a.jpg", test_images[0][2])]).status_code == 200
+    assert _post_images(server, [("a.jpg", b"not an image")]).status_code == 400
+    assert httpx.post(f"{server.url}/classify", content=b"x", timeout=TIMEOUT).status_code == 415
+    assert _post_pixels(server, np.zeros((2, 32, 32, 3), int)).status_code == 200
+    for status in (200, 400, 415):
+        assert _answered(server, "/classify", status) == before[status] + 1, status
+    assert _answered(server, "/classify_pixels", 200) == pixels_before + 1
+    bentoml_endpoints = {
+        dict(labels).get("endpoint") for _, labels in _metric_samples(server, "bentoml_service_request")
+    }
+    assert "/classify" not in bentoml_endpoints and "/classify_pixels" not in bentoml_endpoints, bentoml_endpoints
+    assert httpx.get(f"{server.url}/classify", timeout=TIMEOUT).status_code == 405  # other methods: BentoML's app
+
+
+@slow
+@pytest.mark.parametrize("method", ["GET /model", "POST /classify"])
+def test_a_response_head_and_its_body_leave_in_one_write(server, test_images, method: str) -> None:
+    """The head of an answer is held until its body is written (serving/bentoml_adapter.py): the first read
+    of a plain socket gets the whole answer. uvicorn alone writes them apart, and 49 of 50 first reads
+    then lacked the body."""
+    body = b""
+    headers = "Host: x\r\n"
+    if method.startswith("POST"):
+        request = httpx.Request("POST", f"{server.url}/classify", files=[("images", ("a.jpg", test_images[0][2]))])
+        body = request.read()
+        headers += f"Content-Type: {request.headers['content-type']}\r\nContent-Length: {len(body)}\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        incomplete = 0
+        for _ in range(20):
+            sock.sendall(f"{method} HTTP/1.1\r\n{headers}\r\n".encode() + body)
+            head, _, answer = sock.recv(1 << 20).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
+            incomplete += len(answer) < length
+            while len(answer) < length:
+                answer += sock.recv(1 << 20)
+        assert incomplete == 0, f"{incomplete} of 20 answers came in more than one read"
+        sock.sendall(b"HEAD /model HTTP/1.1\r\nHost: x\r\n\r\n")  # a head without a body still leaves at once
+        assert sock.recv(1 << 20).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /model HTTP/1.1\r\nHost: x\r\n\r\n")  # and the connection goes on
+        assert sock.recv(1 << 20).startswith(b"HTTP/1.1 200")
+
+
+@pytest.fixture(scope="module")
+def short_timeout(default_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """timeout_s=1 and pixel budgets large enough for requests whose decoding alone takes seconds."""
+    folder = tmp_path_factory.mktemp("short_timeout")
+    budgets = ("max_request_pixels=500000000", "max_decode_pixels_in_flight=500000000")
+    served = ServedClassifier(
+        *("--arg", f"model={default_model}", "--arg", "timeout_s=1", "--arg", budgets[0], "--arg", budgets[1]),
+        home=folder / "home",
+        log_path=folder / "server.log",
+    )
+    with served:
+        served.wait_ready()
+        yield served
+
+
+@slow
+def test_work_past_timeout_s_gets_504_and_the_worker_goes_on(short_timeout, test_images) -> None:
+    """Twelve 6000x6000 PNGs take seconds to decode (0.46 s each on the 2-core machine): the answer is a 504
+    after timeout_s (1 s), the decoding stops, and the next request is answered."""
+    big = image_bytes(Image.new("RGB", (6000, 6000), (10, 200, 30)), "PNG")
+    start = time.monotonic()
+    response = httpx.post(
+        f"{short_timeout.url}/classify",
+        files=[("images", (f"{i}.png", big, "image/png")) for i in range(12)],
+        timeout=TIMEOUT,
+    )
+    assert response.status_code == 504, response.text
+    assert response.json()["error"].startswith("not answered within 1 s"), response.text
+    assert time.monotonic() - start < 12 * 0.46 * 0.75, "the answer waited for the decoding"
+    assert _post_images(short_timeout, [("a.jpg", test_images[0][2])]).status_code == 200
+    assert _answered(short_timeout, "/classify", 504) == 1
+
+
+@slow
+def test_the_access_log_lists_classification_requests(default_model: Path, tmp_path: Path, test_images) -> None:
+    """With access_log on, the classification routes go through BentoML's application again (its access-log
+    middleware is one of those the direct path skips), and each request is logged."""
+    with ServedClassifier(
+        "--arg",
+        f"model={default_model}",
+        "--arg",
+        "access_log=true",
+        "--arg",
+        "workers=1",
+        home=tmp_path / "home",
+        log_path=tmp_path / "server.log",
+    ) as served:
+        served.wait_ready()
+        assert _post_images(served, [("a.jpg", test_images[0][2])]).status_code == 200
+        deadline = time.monotonic() + TIMEOUT
+        while "/classify" not in served.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        lines = [line for line in served.log().splitlines() if "/classify" in line]
+    assert lines and "200" in lines[-1], served.log()[-2000:]
 
 
 # ------------------------------------------------------------------ readiness, overload, body limit (`limited`)

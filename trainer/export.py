@@ -327,7 +327,7 @@ def _build_artifacts(
             "checkpoint_sha256": sha256_of(checkpoint_path),
             "report": _training_summary(training_report),
         },
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
