@@ -178,7 +178,9 @@ class Api:
             '{"pixels": [...], "k": 3}',
         )
 
-    async def _handle(self, scope: dict, receive: Receive, send: Send, reader: Callable[[dict], tuple]) -> None:
+    async def _handle(
+        self, scope: dict, receive: Receive, send: Send, reader: Callable[[dict], tuple[BodyLimits, Reader]]
+    ) -> None:
         """Answers the request, then reports its status and seconds to `on_answer` (nothing if the client left)."""
         start = time.monotonic()
         try:
@@ -273,8 +275,8 @@ class Api:
 
 
 async def _unless_client_leaves(receive: Receive, work: Awaitable[tuple[int, object]]) -> tuple[int, object] | None:
-    """`work`'s result, or None when the client disconnected first (the work is then cancelled). One watcher
-    task cancels this one: cheaper than running the work in a task of its own beside it."""
+    """`work`'s result, or None when the client disconnected first (the work is then cancelled). The work
+    runs in this task; one watcher task cancels it if the client leaves."""
     this = asyncio.current_task()
     left = False
 

@@ -51,15 +51,14 @@ class Decoder:
                 f"the {len(uploads)} images declare {total:,} pixels in all; the limit per request is "
                 f"{self.max_request_pixels:,} (send fewer or smaller images)",
             )
-        names = [upload.name for upload in uploads]
         if total <= INLINE_DECODE_PIXELS:
-            return self._decode_all(images, names, None)
+            return self._decode_all(images, uploads, None)
         if self.in_flight and self.in_flight + total > self.max_pixels_in_flight:
             raise RequestError(503, "the server is busy decoding other large images; retry shortly")
         self.in_flight += total
         stop = threading.Event()
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, self._decode_all, images, names, stop)
+        future = loop.run_in_executor(self._pool, self._decode_all, images, uploads, stop)
 
         def release(done: asyncio.Future) -> None:
             self.in_flight -= total
@@ -73,12 +72,12 @@ class Decoder:
             stop.set()  # the thread finishes its current image, then gives up
             raise
 
-    def _decode_all(self, images: list[Image.Image], names: list[str], stop: threading.Event | None) -> np.ndarray:
+    def _decode_all(self, images: list[Image.Image], uploads: list[Upload], stop: threading.Event | None) -> np.ndarray:
         pixels = []
-        for image, name in zip(images, names, strict=True):
+        for image, upload in zip(images, uploads, strict=True):
             if stop is not None and stop.is_set():
                 raise RequestGone
-            pixels.append(load_image(image, self.contract, name=name))
+            pixels.append(load_image(image, self.contract, name=upload.name))
         return np.stack(pixels)
 
 

@@ -65,8 +65,7 @@ async def read_body(receive: Receive, declared: int | None, limits: BodyLimits, 
     chunks: list[bytes] = []
     size = 0
     try:
-        # One timer for the whole body, not one per message: asyncio.wait_for wraps each receive() in a task
-        # of its own, and that cost every request (most bodies arrive with their headers, in one message).
+        # One timer for the whole body (asyncio.wait_for per message would wrap each receive() in a task).
         async with asyncio.timeout(allowed):
             while True:
                 message = await receive()

@@ -9,6 +9,7 @@ compared with the offline predictor's (serving.predict) on the same bytes. Run: 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -25,6 +26,7 @@ import threading
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -84,13 +86,17 @@ def server(default_model: Path, tmp_path_factory: pytest.TempPathFactory):
     budget (1 s) can shed part of a burst (shedding itself is tested on `limited`); with 16-image batches,
     every request of more than 16 images is split across batches and re-joined.
     """
-    folder = tmp_path_factory.mktemp("server")
-    served = ServedClassifier(
-        *("--arg", f"model={default_model}", "--arg", "max_latency_ms=3000", "--arg", f"max_batch_size={BATCH_LIMIT}"),
-        home=folder / "home",
-        log_path=folder / "server.log",
-    )
-    with served:
+    arguments = ("--arg", f"model={default_model}", "--arg", "max_latency_ms=3000")
+    with _ready_server(
+        tmp_path_factory.mktemp("server"), *arguments, "--arg", f"max_batch_size={BATCH_LIMIT}"
+    ) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def _ready_server(folder: Path, *arguments: str) -> Iterator[ServedClassifier]:
+    """`bentoml serve` with these arguments (home and log in `folder`), once it is ready."""
+    with ServedClassifier(*arguments, home=folder / "home", log_path=folder / "server.log") as served:
         served.wait_ready()
         yield served
 
@@ -606,15 +612,9 @@ def test_a_response_head_and_its_body_leave_in_one_write(server, test_images, me
 @pytest.fixture(scope="module")
 def short_timeout(default_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """timeout_s=1 and pixel budgets large enough for requests whose decoding alone takes seconds."""
-    folder = tmp_path_factory.mktemp("short_timeout")
-    budgets = ("max_request_pixels=500000000", "max_decode_pixels_in_flight=500000000")
-    served = ServedClassifier(
-        *("--arg", f"model={default_model}", "--arg", "timeout_s=1", "--arg", budgets[0], "--arg", budgets[1]),
-        home=folder / "home",
-        log_path=folder / "server.log",
-    )
-    with served:
-        served.wait_ready()
+    budgets = ("--arg", "max_request_pixels=500000000", "--arg", "max_decode_pixels_in_flight=500000000")
+    arguments = ("--arg", f"model={default_model}", "--arg", "timeout_s=1", *budgets)
+    with _ready_server(tmp_path_factory.mktemp("short_timeout"), *arguments) as served:
         yield served
 
 
@@ -640,17 +640,8 @@ def test_work_past_timeout_s_gets_504_and_the_worker_goes_on(short_timeout, test
 def test_the_access_log_lists_classification_requests(default_model: Path, tmp_path: Path, test_images) -> None:
     """With access_log on, the classification routes go through BentoML's application again (its access-log
     middleware is one of those the direct path skips), and each request is logged."""
-    with ServedClassifier(
-        "--arg",
-        f"model={default_model}",
-        "--arg",
-        "access_log=true",
-        "--arg",
-        "workers=1",
-        home=tmp_path / "home",
-        log_path=tmp_path / "server.log",
-    ) as served:
-        served.wait_ready()
+    arguments = ("--arg", f"model={default_model}", "--arg", "access_log=true", "--arg", "workers=1")
+    with _ready_server(tmp_path, *arguments) as served:
         assert _post_images(served, [("a.jpg", test_images[0][2])]).status_code == 200
         deadline = time.monotonic() + TIMEOUT
         while "/classify" not in served.log() and time.monotonic() < deadline:
