@@ -1,7 +1,8 @@
 """Turn image bytes or raw pixels into a model's input, as its manifest's contract says; softmax and top-k.
 
 The service, the offline predictor and the exporter all call these functions,
-so the same file gives the same answer through each. Pillow and numpy only.
+so the same file gives the same answer through each. Pillow and numpy; simplejpeg (libjpeg-turbo, the
+library Pillow decodes JPEGs with) when installed, for JPEGs that need nothing but decoding.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # optional: without it Pillow decodes every file, to the same pixels
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
 
 DEFAULT_MAX_FILE_BYTES = 64 * 2**20  # image files larger than this are refused before reading
 DEFAULT_MAX_PIXELS = 40_000_000  # declared width x height; larger is refused before decoding (decompression bombs)
@@ -53,11 +59,34 @@ def read_image_file(path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> byte
 
 
 def decode_image(
-    data: bytes, contract: dict, *, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, contract: dict, *, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS, fast_jpeg: bool = True
 ) -> np.ndarray:
     """Image file bytes (PNG, JPEG, BMP, GIF, WebP, TIFF; any size or mode) -> uint8 (H, W, 3) RGB
-    at the contract's size. Raises ImageError naming `name` for anything unusable."""
+    at the contract's size. Raises ImageError naming `name` for anything unusable. `fast_jpeg=False`
+    decodes every file with Pillow (same pixels, slower for plain JPEGs: see decode_plain_jpeg)."""
+    if fast_jpeg and (pixels := decode_plain_jpeg(data, contract)) is not None:
+        return pixels
     return load_image(open_image(data, name=name, max_pixels=max_pixels), contract, name=name)
+
+
+def decode_plain_jpeg(data: bytes, contract: dict) -> np.ndarray | None:
+    """A JPEG that needs nothing but decoding (already the contract's size, YCbCr or grey, no EXIF that could
+    turn it) -> uint8 (H, W, 3) RGB, by libjpeg-turbo in one call (simplejpeg); None for every other file and
+    on any doubt (corrupt data included): the caller then takes the Pillow path, which also words the errors.
+
+    Same library and settings as Pillow (accurate integer DCT, smooth chroma upsampling), so the same pixels
+    (tests/test_preprocess.py compares them on the test split); a 32x32 JPEG costs ~9 us here instead of ~70 us
+    through Pillow's per-file Python work (header parsing, EXIF, mode conversion)."""
+    if simplejpeg is None or not data.startswith(b"\xff\xd8") or b"Exif\x00\x00" in data:
+        return None  # an EXIF block may rotate the image: Pillow applies it (conservative: any EXIF at all)
+    _, _, height, width = contract["shape"]
+    try:
+        declared_height, declared_width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if (declared_height, declared_width) != (height, width) or colorspace not in ("YCbCr", "Gray"):
+            return None
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
+    except ValueError:  # corrupt or truncated (strict: libjpeg's warnings raise too)
+        return None
 
 
 def open_image(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from bundle.contract import IMAGE_HEIGHT, IMAGE_WIDTH, PIXEL_DIVISOR, input_contract
 from bundle.manifest import load_model_dir
-from bundle.preprocess import decode_image, to_contract_pixels
+from bundle.preprocess import ImageError, decode_image, decode_plain_jpeg, to_contract_pixels
 from serving.predict import predict_stream
 
 CONTRACT = input_contract([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
@@ -217,6 +217,70 @@ def test_decode_image_applies_exif_orientation(orientation: int, fmt: str, param
     _assert_pixels(got, _displayed(stored, orientation))
     if orientation > 1:  # the test can tell orientations apart: each one moves the pixels
         assert not np.array_equal(got, stored)
+
+
+# ------------------------------------------------------------------ plain JPEGs: libjpeg-turbo without Pillow
+
+
+def _pillow_only(data: bytes) -> np.ndarray:
+    return decode_image(data, CONTRACT, fast_jpeg=False)
+
+
+@pytest.mark.parametrize(
+    ("mode", "params"),
+    [
+        ("RGB", {"quality": 75}),  # 4:2:0, the shared copy's settings
+        ("RGB", {"quality": 95, "subsampling": 1}),  # 4:2:2
+        ("RGB", {"quality": 100, "subsampling": 0}),  # 4:4:4
+        ("RGB", {"quality": 75, "progressive": True}),
+        ("RGB", {"quality": 75, "optimize": True, "restart_marker_blocks": 4}),
+        ("L", {"quality": 90}),
+    ],
+)
+def test_plain_jpeg_fast_path_gives_pillows_pixels(mode: str, params: dict) -> None:
+    image = Image.fromarray(_random_rgb(IMAGE_HEIGHT, IMAGE_WIDTH, seed=11)).convert(mode)
+    data = image_bytes(image, "JPEG", **params)
+    fast = decode_plain_jpeg(data, CONTRACT)
+    assert fast is not None, "a plain JPEG of the contract's size should skip Pillow"
+    assert fast.shape == (IMAGE_HEIGHT, IMAGE_WIDTH, 3) and fast.dtype == np.uint8
+    _assert_pixels(fast, _pillow_only(data))
+
+
+def test_plain_jpeg_fast_path_gives_pillows_pixels_on_the_test_split(shared_archive: Path) -> None:
+    """Every test image of the shared copy (10,000 JPEGs): the fast path takes each one, pixel for pixel."""
+    from bundle.class_tree import first_per_class
+
+    files = first_per_class(shared_archive, "test", 1000)
+    mismatched = [
+        f.name for f in files if not np.array_equal(decode_plain_jpeg(data := f.read(), CONTRACT), _pillow_only(data))
+    ]
+    assert len(files) == 10_000 and not mismatched, f"{len(mismatched)} files differ, e.g. {mismatched[:3]}"
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_jpeg_with_exif_orientation_takes_pillows_path_and_is_turned(orientation: int) -> None:
+    stored_image = Image.fromarray(_random_rgb(IMAGE_HEIGHT, IMAGE_WIDTH, seed=orientation))
+    params = {"quality": 100, "subsampling": 0}
+    stored = _pillow_only(image_bytes(stored_image, "JPEG", **params))  # the same entropy data, no EXIF
+    tagged = image_bytes(stored_image, "JPEG", **params, **_exif(orientation))
+    assert decode_plain_jpeg(tagged, CONTRACT) is None
+    _assert_pixels(decode_image(tagged, CONTRACT), _displayed(stored, orientation))
+
+
+def test_fast_path_declines_what_needs_more_than_decoding() -> None:
+    pixels = _random_rgb(IMAGE_HEIGHT, IMAGE_WIDTH)
+    jpeg = image_bytes(Image.fromarray(pixels), "JPEG")
+    declined = {
+        "larger than the input": image_bytes(Image.fromarray(_random_rgb(64, 64)), "JPEG"),
+        "CMYK": image_bytes(Image.fromarray(pixels).convert("CMYK"), "JPEG"),
+        "PNG": image_bytes(Image.fromarray(pixels), "PNG"),
+        "truncated": jpeg[: len(jpeg) // 2],
+        "empty": b"",
+    }
+    for what, data in declined.items():
+        assert decode_plain_jpeg(data, CONTRACT) is None, what
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        decode_image(declined["truncated"], CONTRACT)  # Pillow's path words the error
 
 
 # ------------------------------------------------------------------ size: centre crop to the aspect, bicubic
