@@ -490,3 +490,17 @@ def test_export_writers_export_eval_mode_from_a_model_left_in_train_mode(writer:
     write(model.train(), path)
     runner = load(path)
     np.testing.assert_allclose(runner(x.numpy()), eval_out, rtol=1e-4, atol=1e-5)
+
+
+def test_export_onnx_writes_gelu_as_one_node_that_int8_keeps_whole(tmp_path: Path) -> None:
+    """GELU (fast_resnet's activation) is one ONNX node, not its erf formula, in fp32 and INT8 alike."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+    )
+    fp32, int8 = tmp_path / "model.onnx", tmp_path / "model.int8.onnx"
+    export.export_onnx(NormalizedModel(net, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]).eval(), fp32)
+    export.export_int8(fp32, int8, np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32))
+    for path in (fp32, int8):
+        ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+        assert ops.count("Gelu") == 1 and "Erf" not in ops, f"{path.name}: {ops}"
