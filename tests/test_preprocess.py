@@ -5,12 +5,14 @@ with each other cannot catch a wrong rule. Here each rule of `bundle.contract.PR
 small synthetic images whose expected pixels the test computes itself: alpha over white by the compositing
 formula, 16-bit ramps divided by their peak, palette look-ups, CMYK by its definition, EXIF orientations 1-8
 by the index maps of the EXIF specification, grey replicated to RGB, and the centre crop + bicubic resize
-with the crop box worked out here and Pillow's resampler called directly. Unit tests, no data set needed.
+with the crop box worked out here and Pillow's resampler called directly. Unit tests, no data set needed,
+except one: the JPEG fast path against Pillow on the shared copy's 10,000 test images (skipped without it).
 Run: `pytest tests/test_preprocess.py`.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,9 @@ from PIL import Image
 from bundle.contract import IMAGE_HEIGHT, IMAGE_WIDTH, PIXEL_DIVISOR, input_contract
 from bundle.manifest import load_model_dir
 from bundle.preprocess import ImageError, decode_image, decode_plain_jpeg, to_contract_pixels
+from serving.decoding import Decoder
 from serving.predict import predict_stream
+from serving.requests import RequestError, Upload
 
 CONTRACT = input_contract([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
 SIZE = (IMAGE_WIDTH, IMAGE_HEIGHT)  # Pillow's (width, height)
@@ -281,6 +285,24 @@ def test_fast_path_declines_what_needs_more_than_decoding() -> None:
         assert decode_plain_jpeg(data, CONTRACT) is None, what
     with pytest.raises(ImageError, match="truncated or corrupt"):
         decode_image(declined["truncated"], CONTRACT)  # Pillow's path words the error
+
+
+def test_service_decoder_mixes_both_paths_in_upload_order_and_budgets_every_image() -> None:
+    def jpeg(height: int, width: int, seed: int) -> bytes:
+        return image_bytes(Image.fromarray(_random_rgb(height, width, seed=seed)), "JPEG")
+
+    png = image_bytes(Image.fromarray(_random_rgb(IMAGE_HEIGHT, IMAGE_WIDTH, seed=2)), "PNG")
+    uploads = [Upload("a.jpg", jpeg(32, 32, 1)), Upload("b.png", png), Upload("c.jpg", jpeg(32, 32, 3))]
+    uploads.append(Upload("d.jpg", jpeg(64, 48, 4)))  # larger: resized by Pillow
+    declared = 3 * IMAGE_HEIGHT * IMAGE_WIDTH + 64 * 48
+
+    def decoder(max_request_pixels: int) -> Decoder:
+        return Decoder(CONTRACT, max_pixels=10**6, max_request_pixels=max_request_pixels, max_pixels_in_flight=10**6)
+
+    got = asyncio.run(decoder(declared).decode(uploads))
+    np.testing.assert_array_equal(got, np.stack([_pillow_only(upload.data) for upload in uploads]))
+    with pytest.raises(RequestError, match=f"the 4 images declare {declared:,} pixels"):
+        asyncio.run(decoder(declared - 1).decode(uploads))
 
 
 # ------------------------------------------------------------------ size: centre crop to the aspect, bicubic
