@@ -77,13 +77,15 @@ def decode_plain_jpeg(data: bytes, contract: dict) -> np.ndarray | None:
     Same library and settings as Pillow (accurate integer DCT, smooth chroma upsampling), so the same pixels
     (tests/test_preprocess.py compares them on the test split); a 32x32 JPEG costs ~9 us here instead of ~70 us
     through Pillow's per-file Python work (header parsing, EXIF, mode conversion)."""
-    if simplejpeg is None or not data.startswith(b"\xff\xd8") or b"Exif\x00\x00" in data:
-        return None  # an EXIF block may rotate the image: Pillow applies it (conservative: any EXIF at all)
+    if simplejpeg is None or not data.startswith(b"\xff\xd8"):
+        return None
     _, _, height, width = contract["shape"]
     try:
         declared_height, declared_width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if (declared_height, declared_width) != (height, width) or colorspace not in ("YCbCr", "Gray"):
-            return None
+            return None  # checked first: a large file is not scanned for EXIF below
+        if b"Exif\x00\x00" in data:
+            return None  # an EXIF block may rotate the image: Pillow applies it (conservative: any EXIF at all)
         return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
     except ValueError:  # corrupt or truncated (strict: libjpeg's warnings raise too)
         return None
