@@ -11,9 +11,10 @@ import itertools
 
 import pytest
 import torch
-from conftest import TEST_DEVICE
+from helpers import TEST_DEVICE
 
 from trainer.augment import (
+    Augmentation,
     alternating_flip_mask,
     cutout,
     flip_where,
@@ -221,7 +222,9 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, **overrides) -> list[tu
         flip_bits=torch.zeros(len(images), dtype=torch.bool, device=DEVICE),
         cutout_size=8,
     )
-    return list(train_batches(images, labels, **{**options, **overrides}))
+    options = {**options, **overrides}
+    epoch, max_steps = options.pop("epoch"), options.pop("max_steps", None)
+    return list(train_batches(images, labels, Augmentation(**options), epoch=epoch, max_steps=max_steps))
 
 
 def test_train_batches_yields_normalised_float_batches_of_the_right_shape() -> None:

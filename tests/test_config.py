@@ -8,13 +8,14 @@ Run: `pytest tests/test_config.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 
 import pytest
 
 import trainer.fit as fit
-from trainer.config import CHOICES, RECIPES, TrainConfig
+from trainer.config import CHOICES, RECIPES, TrainConfig, allowed_range
 
 # flag: (values out of range, values on the boundaries of the allowed range)
 RANGES: dict[str, tuple[list, list]] = {
@@ -40,8 +41,9 @@ def _field(flag: str) -> str:
 
 
 @pytest.mark.parametrize(("flag", "value"), OUT_OF_RANGE)
-def test_train_config_rejects_an_out_of_range_value_naming_flag_and_value(flag: str, value) -> None:
-    message = f"--{flag} {value!r} is out of range (see --help)"
+def test_train_config_rejects_an_out_of_range_value_naming_flag_value_and_range(flag: str, value) -> None:
+    rule = allowed_range(next(f for f in dataclasses.fields(TrainConfig) if f.name == _field(flag)))
+    message = f"--{flag} {value!r} is out of range: it must be {rule}"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         TrainConfig(**{_field(flag): value})
 
@@ -69,4 +71,4 @@ def test_train_config_every_recipe_is_valid(model: str) -> None:
 def test_fit_main_reports_an_out_of_range_flag_with_exit_status_2(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR, logger="trainer.fit"):
         assert fit.main(["--warmup", "1.5", "--out", "never-written"]) == 2
-    assert "--warmup 1.5 is out of range (see --help)" in caplog.text, caplog.text
+    assert "--warmup 1.5 is out of range: it must be at least 0 and less than 1" in caplog.text, caplog.text

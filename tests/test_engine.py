@@ -25,8 +25,8 @@ from trainer.checkpoint import TrainingCheckpoint, save_checkpoint
 from trainer.config import RECIPES, TrainConfig
 from trainer.distributed import Runtime
 from trainer.engine import (
-    DeviceTimer,
     Lookahead,
+    Loop,
     build_train_state,
     lr_factor,
     make_optimizer,
@@ -69,21 +69,12 @@ def _step(state, batch) -> None:
     )
 
 
+def _loop(state, config: TrainConfig, total_steps: int = 1, num_epochs: int = 1) -> Loop:
+    return Loop(config, CPU, "fp32", state.model, total_steps, num_epochs)
+
+
 def _epoch(state, config: TrainConfig, batches, total_steps: int, num_epochs: int) -> None:
-    train_one_epoch(
-        state,
-        state.model,
-        iter(batches),
-        steps=len(batches),
-        total_steps=total_steps,
-        num_epochs=num_epochs,
-        config=config,
-        runtime=CPU,
-        precision="fp32",
-        scaler=None,
-        checkpoint_hint="",
-        timer=DeviceTimer(CPU.device),
-    )
+    train_one_epoch(state, _loop(state, config, total_steps, num_epochs), iter(batches), len(batches))
 
 
 def _parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -301,7 +292,7 @@ def test_export_takes_the_ema_weights_of_a_checkpoint(tmp_path: Path) -> None:
 
 
 def _warm_up(state, config: TrainConfig, batch) -> None:
-    engine.warm_up(state.model, state, batch, config, CPU, "fp32")
+    engine.warm_up(state, _loop(state, config), batch)
 
 
 @pytest.mark.parametrize("trained_before", [0, 2], ids=["fresh-optimizer", "with-momentum"])

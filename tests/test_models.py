@@ -198,3 +198,43 @@ def test_build_model_exports_with_torch_export_and_a_dynamic_batch(name: str) ->
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fit_sets_the_whitening_stem_from_every_class_of_class_ordered_data() -> None:
+    """A class-folder data set decodes class by class: the stem must see a sample of all classes (the first
+    5,000 images would be half the classes). Each class here has its own colour and texture, so the two
+    choices give different patch covariances; the stem's filters W satisfy W^T W = (C + eps)^-1, whatever
+    the eigenvectors' signs."""
+    import trainer.fit as fit
+    from trainer.augment import normalize
+    from trainer.config import TrainConfig
+    from trainer.data import DeviceData
+
+    classes, per_class, eps = 10, 1000, 5e-4
+    generator = torch.Generator().manual_seed(0)
+    images = torch.cat(
+        [
+            (torch.rand(per_class, 3, 32, 32, generator=generator) * (20 + 20 * k) + 10 * k).clamp(0, 255)
+            for k in range(classes)
+        ]
+    ).to(torch.uint8)
+    mean, std = torch.full((3,), 0.4), torch.full((3,), 0.25)
+    empty = torch.zeros(0, 3, 32, 32, dtype=torch.uint8)
+    data = DeviceData(
+        images, torch.arange(classes).repeat_interleave(per_class), empty, torch.zeros(0, dtype=torch.long),
+        empty, torch.zeros(0, dtype=torch.long), mean, std, [str(k) for k in range(classes)], "synthetic",
+    )  # fmt: skip
+    state = fit.build_state(
+        TrainConfig(model="fast_resnet", seed=0, channels_last=False), data, torch.device("cpu"), None
+    )
+    filters = state.model.whiten.weight[:12].reshape(12, 12).double()
+
+    def inverse_covariance(sample: torch.Tensor) -> torch.Tensor:
+        patches = normalize(sample, mean, std).unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, 12).double()
+        patches = patches - patches.mean(0)
+        return torch.linalg.inv(patches.T @ patches / len(patches) + eps * torch.eye(12, dtype=torch.float64))
+
+    built = filters.T @ filters
+    every_class = torch.dist(built, inverse_covariance(images[torch.randperm(len(images), generator=generator)[:5000]]))
+    first_images = torch.dist(built, inverse_covariance(images[:5000]))
+    assert every_class < 0.2 * first_images, (every_class, first_images)

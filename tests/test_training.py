@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SHORT_RUN_MIN_ACCURACY, run_module
+from helpers import REPO, SHORT_RUN_MIN_ACCURACY, run_module
 from trainer_helpers import (
     TINY_EPOCHS,
     TINY_STEPS_PER_EPOCH,
@@ -40,7 +40,7 @@ from trainer_helpers import (
 from bundle.class_tree import first_per_class
 from trainer.checkpoint import CHECKPOINT_FORMAT
 from trainer.config import TrainConfig
-from trainer.engine import KILL_AFTER_STEP_ENV
+from trainer.fit import KILL_AFTER_STEP_ENV
 from trainer.models import MODEL_NAMES, build_model
 
 pytestmark = pytest.mark.slow

@@ -7,6 +7,8 @@ tensor ops (after airbench94 and D. Page's ResNet-9 work).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -63,23 +65,25 @@ def alternating_flip_mask(flip_bits: torch.Tensor, indices: torch.Tensor, epoch:
     return flip_bits[indices] ^ bool(epoch % 2)
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """How a run draws and augments its training batches (fixed for the whole run)."""
+
+    batch_size: int  # global: each rank takes batch_size / world_size of every step
+    seed: int
+    mean: torch.Tensor  # per channel, in [0, 1] pixel units
+    std: torch.Tensor
+    translate: int = 0  # pixels of random translation (reflect padding); 0 disables
+    flip: str = "none"  # alternating, random or none
+    flip_bits: torch.Tensor | None = None  # one random bit per image, for alternating flips
+    cutout_size: int = 0  # side of the cutout square in pixels; 0 disables
+    rank: int = 0
+    world_size: int = 1
+    channels_last: bool = False
+
+
 def train_batches(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    batch_size: int,
-    epoch: int,
-    seed: int,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    translate: int,
-    flip: str,
-    flip_bits: torch.Tensor,
-    cutout_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    max_steps: int | None = None,
-    channels_last: bool = False,
+    images: torch.Tensor, labels: torch.Tensor, aug: Augmentation, *, epoch: int, max_steps: int | None = None
 ):
     """Yield one epoch of augmented, normalised (inputs, labels) batches for this rank.
 
@@ -89,22 +93,23 @@ def train_batches(
     batch is dropped (an uneven last step would need its own lr scaling).
     """
     device = images.device
-    order_gen = torch.Generator(device="cpu").manual_seed(seed * 100_003 + epoch)
+    order_gen = torch.Generator(device="cpu").manual_seed(aug.seed * 100_003 + epoch)
     order = torch.randperm(len(images), generator=order_gen).to(device)
-    aug_gen = torch.Generator(device=device).manual_seed(seed * 100_003 + epoch * 1_009 + rank + 1)
-    steps = len(images) // batch_size
+    aug_gen = torch.Generator(device=device).manual_seed(aug.seed * 100_003 + epoch * 1_009 + aug.rank + 1)
+    steps = len(images) // aug.batch_size
     if max_steps is not None:
         steps = min(steps, max_steps)
-    local = batch_size // world_size
+    local = aug.batch_size // aug.world_size
     for step in range(steps):
-        indices = order[step * batch_size + rank * local : step * batch_size + (rank + 1) * local]
-        batch = normalize(images[indices], mean, std)
-        batch = random_translate(batch, translate, aug_gen)
-        if flip == "alternating":
-            batch = flip_where(batch, alternating_flip_mask(flip_bits, indices, epoch))
-        elif flip == "random":
+        first = step * aug.batch_size + aug.rank * local
+        indices = order[first : first + local]
+        batch = normalize(images[indices], aug.mean, aug.std)
+        batch = random_translate(batch, aug.translate, aug_gen)
+        if aug.flip == "alternating":
+            batch = flip_where(batch, alternating_flip_mask(aug.flip_bits, indices, epoch))
+        elif aug.flip == "random":
             batch = flip_where(batch, torch.rand(len(batch), device=device, generator=aug_gen) < 0.5)
-        batch = cutout(batch, cutout_size, aug_gen)
-        if channels_last:
+        batch = cutout(batch, aug.cutout_size, aug_gen)
+        if aug.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         yield batch, labels[indices]

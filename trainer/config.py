@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field, fields
 
+from bundle.class_tree import DATA_ENV, data_source
 from bundle.contract import IMAGE_HEIGHT
 from trainer.models import DEFAULT_MODEL, INIT_SCHEMES, MODELS
 from trainer.precision import PRECISIONS
@@ -27,73 +27,113 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "flip": ("alternating", "random", "none"),
 }
-DEFAULT_DATA = os.environ.get("CIFAR10_DATA", "data")
+DEFAULT_DATA = str(data_source("data"))
+
+
+def _option(
+    default: object,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+):  # type: ignore[no-untyped-def]
+    """A config field with its --help text and its allowed range beside it (checked in __post_init__)."""
+    return field(default=default, metadata={"help": help, "range": (low, high, low_open, high_open)})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # data
-    data: str = DEFAULT_DATA
-    download: bool = False
-    cache_dir: str | None = None
-    val_size: int = 5000  # held out of train for selection; the test set is only reported
-    train_subset: int = 0  # 0: all; N: first N training images (smoke tests)
+    data: str = _option(
+        DEFAULT_DATA,
+        "CIFAR-10 source: official cifar-10-python.tar.gz or cifar-10-batches-py/, or a class-folder "
+        f"tree train/<class>/*, test/<class>/* as a folder or .tar(.gz) (default: ${DATA_ENV} or ./data)",
+    )
+    download: bool = _option(False, "download the official CIFAR-10 into --data if it is not there (needs internet)")
+    cache_dir: str | None = _option(None, "where decoded arrays are cached (default: $XDG_CACHE_HOME/resnet-cifar)")
+    val_size: int = _option(
+        5000, "training images held out for validation; all selection uses them, never the test set", low=0
+    )
+    train_subset: int = _option(0, "train on only the first N training images (0 = all); for smoke tests", low=0)
     # model
-    model: str = DEFAULT_MODEL
-    init: str = "default"
+    model: str = _option(DEFAULT_MODEL, f"architecture: {', '.join(MODELS)}")
+    init: str = _option("default", "weight init of trainable conv/linear layers (the seed's experiment)")
     # optimisation; lr is the peak, in PyTorch units for a mean loss at this batch size
-    epochs: float = 10.0
-    batch_size: int = 512
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    bias_lr_scale: float = 1.0  # lr multiplier for BatchNorm shifts (airbench: 64), same decay per step
-    schedule: str = "linear"
-    warmup: float = 0.1  # fraction of all steps spent warming up from start_lr_ratio * lr
-    start_lr_ratio: float = 0.0
-    final_lr_ratio: float = 0.0
-    label_smoothing: float = 0.0
-    averaging: str = "none"
-    ema_decay: float = 0.99  # per step, for --averaging ema
-    whiten_bias_epochs: float = 0.0  # fast_resnet: train the whitening bias this long, then freeze
+    epochs: float = _option(10.0, "training epochs (fractions allowed)", low=0, low_open=True)
+    batch_size: int = _option(512, "global batch size (split across DDP ranks)", low=1)
+    optimizer: str = _option("sgd", "Nesterov SGD or Adam")
+    lr: float = _option(0.1, "peak learning rate (PyTorch units, mean loss over the batch)", low=0, low_open=True)
+    momentum: float = _option(0.9, "SGD momentum (Adam: beta1)")
+    weight_decay: float = _option(5e-4, "L2 weight decay, as in torch.optim")
+    bias_lr_scale: float = _option(
+        1.0, "lr multiplier for BatchNorm shifts (airbench: 64); their decay per step is kept"
+    )
+    schedule: str = _option("linear", "decay after warm-up: linear or cosine")
+    warmup: float = _option(0.1, "fraction of all steps for the linear warm-up", low=0, high=1, high_open=True)
+    start_lr_ratio: float = _option(0.0, "lr at step 0, as a fraction of --lr")
+    final_lr_ratio: float = _option(0.0, "lr at the last step, as a fraction of --lr")
+    label_smoothing: float = _option(0.0, "label smoothing of the cross-entropy loss", low=0, high=1, high_open=True)
+    averaging: str = _option(
+        "none", "weight averaging: lookahead (airbench, every 5 steps), ema (evaluated copy) or none"
+    )
+    ema_decay: float = _option(0.99, "EMA decay per step for --averaging ema", low=0, high=1, high_open=True)
+    whiten_bias_epochs: float = _option(0.0, "fast_resnet: epochs to train the whitening-conv bias before freezing it")
     # augmentation
-    translate: int = 4
-    flip: str = "alternating"
-    cutout: int = 0
-    tta: int = 2  # 0: none, 1: mirror, 2: mirror + 1-px shifts
+    translate: int = _option(4, "random translation in pixels (reflect padding); 0 disables", low=0, high=8)
+    flip: str = _option(
+        "alternating", "horizontal flips: alternating (airbench: each image flipped every other epoch), random, none"
+    )
+    cutout: int = _option(0, "side of the cutout square in pixels; 0 disables", low=0, high=IMAGE_HEIGHT)
+    tta: int = _option(
+        2,
+        "test-time augmentation for the report: 0 none, 1 mirror, 2 mirror + 1-px shifts "
+        "(the report always has the no-TTA figure too)",
+        low=0,
+        high=2,
+    )
     # system
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    threads: int = 0  # 0: PyTorch's default (all cores)
-    seed: int = 0
-    out: str = "runs/latest"
-    keep_epoch_weights: bool = False  # also save each epoch's weights (RUN/epochs/), for time-to-accuracy curves
+    device: str = _option("auto", "auto picks CUDA when available")
+    precision: str = _option(
+        "auto", "auto: bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32"
+    )
+    channels_last: bool = _option(True, "NHWC memory format (faster convolutions on CPU and GPU)")
+    compile: bool = _option(False, "torch.compile the model (worth it on GPU; its warm-up is timed separately)")
+    threads: int = _option(0, "CPU threads for PyTorch (0 = default: all cores)", low=0)
+    seed: int = _option(0, "random seed; CPU runs with the same seed give the same weights")
+    out: str = _option("runs/latest", "run folder for checkpoint.pt, metrics.jsonl, report.json and plots")
+    keep_epoch_weights: bool = _option(
+        False,
+        "also write each epoch's evaluation weights to RUN/epochs/epoch-NNN.pt (a model.pt each, scored "
+        "afterwards by benchmarks/train_targets.py for time-to-accuracy curves)",
+    )
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"--{name} {value!r} is not one of: {', '.join(allowed)}")
-        checks = {
-            "epochs": self.epochs > 0,
-            "batch-size": self.batch_size > 0,
-            "lr": self.lr > 0,
-            "val-size": self.val_size >= 0,
-            "train-subset": self.train_subset >= 0,
-            "warmup": 0 <= self.warmup < 1,
-            "label-smoothing": 0 <= self.label_smoothing < 1,
-            "ema-decay": 0 <= self.ema_decay < 1,
-            "translate": 0 <= self.translate <= 8,
-            "cutout": 0 <= self.cutout <= IMAGE_HEIGHT,
-            "tta": self.tta in (0, 1, 2),
-            "threads": self.threads >= 0,
-        }
-        for flag, ok in checks.items():
-            if not ok:
-                raise ValueError(f"--{flag} {getattr(self, flag.replace('-', '_'))!r} is out of range (see --help)")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            low, high, low_open, high_open = f.metadata["range"]
+            above = low is None or (value > low if low_open else value >= low)
+            below = high is None or (value < high if high_open else value <= high)
+            if not (above and below):
+                raise ValueError(
+                    f"--{f.name.replace('_', '-')} {value!r} is out of range: it must be {allowed_range(f)}"
+                )
+
+
+def allowed_range(f: Field) -> str:
+    """A field's allowed range in words ("" when any value goes)."""
+    low, high, low_open, high_open = f.metadata["range"]
+    words = []
+    if low is not None:
+        words.append(f"{'more than' if low_open else 'at least'} {low:g}")
+    if high is not None:
+        words.append(f"{'less than' if high_open else 'at most'} {high:g}")
+    return " and ".join(words)
 
 
 # Per-model defaults. The fast_resnet family follows airbench94: lr 11.5 per 1024 examples with a
@@ -155,6 +195,7 @@ RECIPES: dict[str, dict] = {
     ),
 }
 RECIPES["fast_resnet_256"] = dict(RECIPES["fast_resnet"], epochs=13.0)  # the default (see above)
+RECIPES["fast_resnet_320"] = dict(RECIPES["fast_resnet"], epochs=13.0)
 RECIPES["fast_resnet_512"] = dict(RECIPES["fast_resnet"], epochs=15.0)
 _RESNET_RECIPE = dict(
     epochs=30.0,
@@ -169,46 +210,6 @@ _RESNET_RECIPE = dict(
 )
 for _name in ("resnet18", "resnet18_deepstem", "resnet34", "resnet34_deepstem", "resnet20", "resnet32", "resnet56"):
     RECIPES[_name] = _RESNET_RECIPE
-
-_HELP = {
-    "data": "CIFAR-10 source: official cifar-10-python.tar.gz or cifar-10-batches-py/, or a class-folder "
-    "tree train/<class>/*, test/<class>/* as a folder or .tar(.gz) (default: $CIFAR10_DATA or ./data)",
-    "download": "download the official CIFAR-10 into --data if it is not there (needs internet)",
-    "cache_dir": "where decoded arrays are cached (default: $XDG_CACHE_HOME/resnet-cifar)",
-    "val_size": "training images held out for validation; all selection uses them, never the test set",
-    "train_subset": "train on only the first N training images (0 = all); for smoke tests",
-    "model": f"architecture: {', '.join(MODELS)}",
-    "init": "weight init of trainable conv/linear layers (the seed's experiment)",
-    "epochs": "training epochs (fractions allowed)",
-    "batch_size": "global batch size (split across DDP ranks)",
-    "optimizer": "Nesterov SGD or Adam",
-    "lr": "peak learning rate (PyTorch units, mean loss over the batch)",
-    "momentum": "SGD momentum (Adam: beta1)",
-    "weight_decay": "L2 weight decay, as in torch.optim",
-    "bias_lr_scale": "lr multiplier for BatchNorm shifts; their decay per step is kept unchanged",
-    "schedule": "decay after warm-up: linear or cosine",
-    "warmup": "fraction of all steps for the linear warm-up",
-    "start_lr_ratio": "lr at step 0, as a fraction of --lr",
-    "final_lr_ratio": "lr at the last step, as a fraction of --lr",
-    "label_smoothing": "label smoothing of the cross-entropy loss",
-    "averaging": "weight averaging: lookahead (airbench, every 5 steps), ema (evaluated copy) or none",
-    "ema_decay": "EMA decay per step for --averaging ema",
-    "whiten_bias_epochs": "fast_resnet: epochs to train the whitening-conv bias before freezing it",
-    "translate": "random translation in pixels (reflect padding); 0 disables",
-    "flip": "horizontal flips: alternating (airbench: each image flipped every other epoch), random, none",
-    "cutout": "side of the cutout square in pixels; 0 disables",
-    "tta": "test-time augmentation for the report: 0 none, 1 mirror, 2 mirror + 1-px shifts "
-    "(the report always has the no-TTA figure too)",
-    "device": "auto picks CUDA when available",
-    "precision": "auto: bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32",
-    "channels_last": "NHWC memory format (faster convolutions on CPU and GPU)",
-    "compile": "torch.compile the model (worth it on GPU; its warm-up is timed separately)",
-    "threads": "CPU threads for PyTorch (0 = default: all cores)",
-    "seed": "random seed; CPU runs with the same seed give the same weights",
-    "out": "run folder for checkpoint.pt, metrics.jsonl, report.json and plots",
-    "keep_epoch_weights": "also write each epoch's evaluation weights to RUN/epochs/epoch-NNN.pt (a model.pt each, "
-    "scored afterwards by benchmarks/train_targets.py for time-to-accuracy curves)",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,17 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision, --threads and --compile may be given again (e.g. to resume a GPU run on a CPU)",
     )
     defaults = TrainConfig()
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        in_recipe = any(field.name in r for r in RECIPES.values())
+    for option in dataclasses.fields(TrainConfig):
+        flag = "--" + option.name.replace("_", "-")
+        default = getattr(defaults, option.name)
+        in_recipe = any(option.name in r for r in RECIPES.values())
         shown = "recipe" if in_recipe else repr(default)
-        help_text = f"{_HELP[field.name]} (default: {shown})"
+        rule = allowed_range(option)
+        help_text = f"{option.metadata['help']} (default: {shown}{'; ' + rule if rule else ''})"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
-        kind = float if field.type in ("float", float) else int if field.type in ("int", int) else str
-        parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(field.name), help=help_text)
+        kind = float if option.type in ("float", float) else int if option.type in ("int", int) else str
+        parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(option.name), help=help_text)
     return parser
 
 

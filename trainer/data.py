@@ -8,7 +8,9 @@ Sources `load_dataset` understands:
 - a class-folder tree `train/<class>/*` and `test/<class>/*` (PNG, JPEG, ...)
   as a directory or a `.tar` / `.tar.gz` (the layout of the shared JPEG copy).
 
-The decoded uint8 arrays are cached (keyed by the source's path, size and
+Images are decoded by the input contract's decoder (bundle.preprocess: EXIF orientation, alpha on white,
+16-bit scaling, libjpeg-turbo for plain JPEGs), the one the service and the predictor use, so a model trains
+on the pixels it will be served. The decoded uint8 arrays are cached (keyed by the source's path, size and
 modification time) so that a second run starts in about a second.
 """
 
@@ -24,19 +26,26 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+import torch
 from tqdm import tqdm
 
 from bundle.class_tree import LabelledFile, iter_labelled_files
-from bundle.contract import CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH
-from bundle.preprocess import ImageError
+from bundle.contract import CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH, PIXEL_DIVISOR, input_contract
+from bundle.environment import usable_cores
+from bundle.preprocess import ImageError, decode_plain_jpeg, load_image, open_image
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 OFFICIAL_FOLDER = "cifar-10-batches-py"
 OFFICIAL_ARCHIVE = "cifar-10-python.tar.gz"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: decoded by the input contract's rules (alpha on white, EXIF, 16-bit scaling)
+# Decoding needs the contract's size and rules only; the normalisation is measured later, on the training split.
+_DECODING = input_contract(mean=[0.0] * CHANNELS, std=[1.0] * CHANNELS)
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,58 @@ def split_validation(
     order = np.random.default_rng(seed).permutation(len(images))
     val, train = np.sort(order[:val_size]), np.sort(order[val_size:])
     return images[train], labels[train], images[val], labels[val]
+
+
+# ------------------------------------------------------------------ on the training device
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """The splits as uint8 (N, 3, H, W) tensors on the training device, plus what describes them."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    class_names: list[str]
+    source: str
+
+
+def load_data(config: TrainConfig, device: torch.device, normalization: dict | None) -> DeviceData:
+    """Decode (or read from cache), split off validation, and move everything to `device` once.
+
+    The normalisation is measured on the training split, unless a resumed run brings its own.
+    """
+    data = load_dataset(config.data, Path(config.cache_dir) if config.cache_dir else None, download=config.download)
+    train_x, train_y, val_x, val_y = split_validation(data.train_images, data.train_labels, config.val_size)
+    if config.train_subset:
+        keep = np.sort(np.random.default_rng(config.seed).permutation(len(train_x))[: config.train_subset])
+        train_x, train_y = train_x[keep], train_y[keep]
+    if normalization:
+        mean, std = torch.tensor(normalization["mean"]), torch.tensor(normalization["std"])
+    else:
+        pixels = torch.from_numpy(train_x).reshape(-1, train_x.shape[-1]).double() / PIXEL_DIVISOR
+        mean, std = pixels.mean(0).float(), pixels.std(0).float()
+
+    def on_device(images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+
+    return DeviceData(
+        train_images=on_device(train_x),
+        train_labels=torch.from_numpy(train_y).to(device),
+        val_images=on_device(val_x),
+        val_labels=torch.from_numpy(val_y),
+        test_images=on_device(data.test_images),
+        test_labels=torch.from_numpy(data.test_labels),
+        mean=mean.to(device),
+        std=std.to(device),
+        class_names=list(data.class_names),
+        source=data.source,
+    )
 
 
 # ------------------------------------------------------------------ detection
@@ -251,18 +312,21 @@ def _download_official(path: Path, cache_dir: Path | None) -> Dataset:
 
 
 def _decode_image(raw: bytes, name: str) -> np.ndarray:
+    """An image file of a CIFAR-style data set -> uint8 (H, W, 3) RGB, by the input contract's decoder; images
+    not already at the contract's size are refused (resizing a data set silently would hide a mistake)."""
     try:
-        with Image.open(io.BytesIO(raw)) as image:
-            image.load()
-            array = np.asarray(image.convert("RGB"))
-    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ...
+        pixels = decode_plain_jpeg(raw, _DECODING)
+        if pixels is not None:
+            return pixels
+        image = open_image(raw, name=name)
+        if image.size != (IMAGE_WIDTH, IMAGE_HEIGHT):
+            raise ValueError(
+                f"image {name!r} is {image.width}x{image.height}; CIFAR-style data sets must be "
+                f"{IMAGE_WIDTH}x{IMAGE_HEIGHT} (resize them first)"
+            )
+        return load_image(image, _DECODING, name=name)
+    except ImageError as err:
         raise ValueError(f"corrupt or unreadable image {name!r}: {err}") from err
-    if array.shape != (IMAGE_HEIGHT, IMAGE_WIDTH, CHANNELS):
-        raise ValueError(
-            f"image {name!r} is {array.shape[1]}x{array.shape[0]}; CIFAR-style data sets must be "
-            f"{IMAGE_WIDTH}x{IMAGE_HEIGHT} (resize them first)"
-        )
-    return array
 
 
 def _read_class_folders(source: Path) -> Dataset:
@@ -290,8 +354,8 @@ def _read_class_folders(source: Path) -> Dataset:
     def decode_split(split: str) -> tuple[np.ndarray, np.ndarray]:
         items = sorted(((index[f.label], f.name, f) for f in files if f.split == split), key=lambda t: t[:2])
         labels = np.asarray([label for label, _, _ in items], dtype=np.int64)
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            # Pillow releases the GIL while decoding, so threads give real parallelism.
+        with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
+            # Pillow and libjpeg-turbo release the GIL while decoding, so threads give real parallelism.
             decoded = pool.map(lambda item: _decode_file(item[2]), items)
             images = list(tqdm(decoded, total=len(items), desc=f"decoding {split}", unit="img", leave=False))
         return np.stack(images), labels

@@ -78,15 +78,6 @@ def barrier(runtime: Runtime) -> None:
         dist.barrier()
 
 
-def broadcast_flag(runtime: Runtime, flag: bool) -> bool:
-    """Rank 0's boolean, on every rank (to stop all ranks together)."""
-    if not runtime.distributed:
-        return flag
-    tensor = torch.tensor([int(flag)], device=runtime.device)
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
-
-
 def all_reduce_sum(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:
     if runtime.distributed:
         dist.all_reduce(tensor)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -22,14 +21,14 @@ from trainer.precision import autocast
 log = logging.getLogger(__name__)
 SYNC_EVERY = 10  # steps between host syncs (progress bar, non-finite check); each sync stalls a GPU
 WARMUP_STEPS = 3  # steps run, then undone, before the timed training (kernel selection, compilation)
-# Fault injection for the resume tests: with TRAINER_KILL_AFTER_STEP=N set, the process SIGKILLs itself right
-# after global step N (no handler runs, nothing is flushed), as a crash or an OOM kill would stop it, at a point
-# a test can choose and reproduce. Unset in normal use.
-KILL_AFTER_STEP_ENV = "TRAINER_KILL_AFTER_STEP"
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when the loss becomes NaN or infinite; names the step."""
+    """Raised when the loss becomes NaN or infinite; names the step and the epoch."""
+
+    def __init__(self, step: int, epoch: int) -> None:
+        super().__init__(f"the training loss became NaN/inf at step {step} (epoch {epoch})")
+        self.step, self.epoch = step, epoch
 
 
 # ------------------------------------------------------------------ optimizer and schedule
@@ -220,61 +219,66 @@ class DeviceTimer:
         return self._start.elapsed_time(end) / 1000
 
 
+@dataclass
+class Loop:
+    """How the steps of a run execute: the same for every epoch of the run."""
+
+    config: TrainConfig
+    runtime: Runtime
+    precision: str  # fp32, bf16 or fp16 (trainer/precision.py)
+    train_model: nn.Module  # the model as stepped: the state's model, or its DDP / compiled wrapper
+    total_steps: int
+    num_epochs: int
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    after_step: Callable[[int], None] | None = None  # called with the global step after each step (tests' hook)
+
+    def step(self, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor, scaler=None):  # type: ignore[no-untyped-def]
+        return train_step(
+            self.train_model,
+            optimizer,
+            inputs,
+            labels,
+            device=self.runtime.device,
+            precision=self.precision,
+            label_smoothing=self.config.label_smoothing,
+            scaler=scaler,
+        )
+
+
 # GradScaler halves its scale (from 65536) at every overflowing step and skips it; below this scale the
 # fp16 run has overflowed over and over, i.e. diverged rather than met an occasional inf.
 MIN_FP16_LOSS_SCALE = 1.0
 
 
 def train_one_epoch(
-    state: TrainState,
-    train_model: nn.Module,
-    batches,
-    *,
-    steps: int,
-    total_steps: int,
-    num_epochs: int,
-    config: TrainConfig,
-    runtime: Runtime,
-    precision: str,
-    scaler: torch.amp.GradScaler | None,
-    checkpoint_hint: str,
-    timer: DeviceTimer,
+    state: TrainState, loop: Loop, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int
 ) -> EpochStats:
     """Run `steps` training steps over `batches`, with progress bar, weight averaging and a divergence check
     every SYNC_EVERY steps (NonFiniteLossError names the step). With fp16's GradScaler an occasional
     non-finite loss is a step the scaler skips; only a collapsing loss scale counts as divergence."""
-    device = runtime.device
+    config, device, total_steps = loop.config, loop.runtime.device, loop.total_steps
+    timer = DeviceTimer(device)
     timer.start()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     first_bad = torch.full((), total_steps + 1, device=device)
     freeze_whiten_bias = state.epoch >= config.whiten_bias_epochs
-    kill_after_step = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
     bar = tqdm(
         total=steps * config.batch_size,
         unit="img",
         unit_scale=True,
         leave=False,
         dynamic_ncols=True,
-        desc=f"epoch {state.epoch + 1}/{num_epochs}",
-        disable=not runtime.is_main,
+        desc=f"epoch {state.epoch + 1}/{loop.num_epochs}",
+        disable=not loop.runtime.is_main,
     )
     lr = 0.0
     try:
         for i, (inputs, labels) in enumerate(batches):
             lr = set_lr(state.optimizer, lr_factor(state.step, total_steps, config), freeze_whiten_bias)
-            loss, batch_correct = train_step(
-                train_model,
-                state.optimizer,
-                inputs,
-                labels,
-                device=device,
-                precision=precision,
-                label_smoothing=config.label_smoothing,
-                scaler=scaler,
-            )
+            loss, batch_correct = loop.step(state.optimizer, inputs, labels, loop.scaler)
             finite = torch.isfinite(loss)
-            if scaler is None:
+            if loop.scaler is None:
                 first_bad = torch.minimum(first_bad, torch.where(finite, total_steps + 1, state.step))
             loss_sum += torch.where(finite, loss, 0.0)
             correct += batch_correct
@@ -283,26 +287,23 @@ def train_one_epoch(
                 state.lookahead.update(state.model, state.step, total_steps)
             if state.ema:
                 state.ema.update_parameters(state.model)
-            if state.step == kill_after_step:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if loop.after_step:
+                loop.after_step(state.step)
             if (i + 1) % SYNC_EVERY == 0 or i + 1 == steps:
-                if scaler is not None and scaler.get_scale() < MIN_FP16_LOSS_SCALE:
+                if loop.scaler is not None and loop.scaler.get_scale() < MIN_FP16_LOSS_SCALE:
                     first_bad = torch.minimum(first_bad, torch.tensor(state.step, device=device))
-                bad_step = int(all_reduce_min(runtime, first_bad).item())
+                bad_step = int(all_reduce_min(loop.runtime, first_bad).item())
                 if bad_step <= total_steps:
-                    raise NonFiniteLossError(
-                        f"the training loss became NaN/inf at step {bad_step} (epoch {state.epoch + 1}); "
-                        f"{checkpoint_hint}. Lower --lr or use --precision fp32."
-                    )
+                    raise NonFiniteLossError(bad_step, state.epoch + 1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", refresh=False)
                 bar.update(config.batch_size * (i + 1) - bar.n)
     finally:
         bar.close()
     seconds = timer.stop()
-    totals = all_reduce_sum(runtime, torch.stack([loss_sum.float(), correct.float()]))
+    totals = all_reduce_sum(loop.runtime, torch.stack([loss_sum.float(), correct.float()]))
     state.epoch += 1
     return EpochStats(
-        train_loss=totals[0].item() / (steps * runtime.world_size),
+        train_loss=totals[0].item() / (steps * loop.runtime.world_size),
         train_acc=totals[1].item() / (steps * config.batch_size),
         lr=lr,
         seconds=seconds,
@@ -310,26 +311,18 @@ def train_one_epoch(
     )
 
 
-def warm_up(train_model, state: TrainState, batch, config: TrainConfig, runtime: Runtime, precision: str) -> float:
+def warm_up(state: TrainState, loop: Loop, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
     """Run WARMUP_STEPS real training steps (cuDNN's algorithm search, torch.compile's compilation, first-call
     allocations), then restore the model and optimizer: the timed training starts warm and unchanged."""
     start = time.perf_counter()
     saved_model = {k: v.clone() for k, v in state.model.state_dict().items()}
     saved_optimizer = _clone_optimizer_state(state.optimizer.state_dict())
     for _ in range(WARMUP_STEPS):
-        train_step(
-            train_model,
-            state.optimizer,
-            *batch,
-            device=runtime.device,
-            precision=precision,
-            label_smoothing=config.label_smoothing,
-            scaler=None,
-        )
+        loop.step(state.optimizer, *batch)
     state.model.load_state_dict(saved_model)
     state.optimizer.load_state_dict(saved_optimizer)
-    if runtime.device.type == "cuda":
-        torch.cuda.synchronize(runtime.device)
+    if loop.runtime.device.type == "cuda":
+        torch.cuda.synchronize(loop.runtime.device)
     return time.perf_counter() - start
 
 

@@ -1,13 +1,22 @@
-"""Evaluation: logits with and without test-time augmentation, accuracy, per-class accuracy, confusion."""
+"""Evaluation: logits with and without test-time augmentation, accuracy, per-class accuracy, confusion; the
+validation check after each epoch and the final report's figures."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainer.augment import normalize
+from trainer.models import count_parameters
 from trainer.precision import autocast
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+    from trainer.data import DeviceData
+    from trainer.engine import TrainState
 
 
 def _logits(model: nn.Module, x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
@@ -83,3 +92,50 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, class_name
         "per_class_accuracy": {name: per_class[i].item() for i, name in enumerate(class_names)},
         "confusion_matrix": confusion.tolist(),
     }
+
+
+def validate(state: TrainState, data: DeviceData, config: TrainConfig, precision: str) -> float | None:
+    """Accuracy of the evaluated weights on the validation split (None without one); no TTA."""
+    if not len(data.val_images):
+        return None
+    logits, _ = predict_logits(
+        state.eval_model,
+        data.val_images,
+        data.mean,
+        data.std,
+        tta=0,
+        precision=precision,
+        channels_last=config.channels_last,
+    )
+    return accuracy(logits, data.val_labels)
+
+
+def final_evaluation(state: TrainState, data: DeviceData, config: TrainConfig, precision: str) -> dict:
+    """Test (and validation) accuracy with and without TTA. The test set is only reported, never used for a choice."""
+
+    def logits(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return predict_logits(
+            state.eval_model,
+            images,
+            data.mean,
+            data.std,
+            tta=config.tta,
+            precision=precision,
+            channels_last=config.channels_last,
+        )
+
+    test_plain, test_tta = logits(data.test_images)
+    result = {
+        "model": config.model,
+        "parameters": count_parameters(state.model),
+        "class_names": data.class_names,
+        "test": classification_report(test_plain, data.test_labels, data.class_names),
+        "test_tta": {"level": config.tta, **classification_report(test_tta, data.test_labels, data.class_names)},
+    }
+    if len(data.val_images):
+        val_plain, val_tta = logits(data.val_images)
+        result["val"] = {
+            "accuracy": accuracy(val_plain, data.val_labels),
+            "accuracy_tta": accuracy(val_tta, data.val_labels),
+        }
+    return result

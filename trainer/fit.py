@@ -17,18 +17,19 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shlex
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from bundle.contract import PIXEL_DIVISOR
 from trainer import report
-from trainer.augment import normalize, train_batches
+from trainer.augment import Augmentation, normalize, train_batches
 from trainer.checkpoint import (
     CHECKPOINT_NAME,
     MODEL_CHECKPOINT_NAME,
@@ -39,18 +40,19 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import TrainConfig, build_parser, config_from_args, resume_config
-from trainer.data import load_dataset, split_validation
+from trainer.data import DeviceData, load_data
 from trainer.distributed import Runtime, barrier, init_runtime, shutdown
 from trainer.engine import (
     WARMUP_STEPS,
-    DeviceTimer,
+    EpochStats,
+    Loop,
     NonFiniteLossError,
     TrainState,
     build_train_state,
     train_one_epoch,
     warm_up,
 )
-from trainer.evaluate import accuracy, classification_report, predict_logits
+from trainer.evaluate import final_evaluation, validate
 from trainer.models import apply_init, build_model, count_parameters
 from trainer.precision import resolve_precision
 
@@ -71,56 +73,7 @@ class Timer:
     wall_s: float = 0.0  # the process (or processes, over resumes) from launch to exit
 
 
-@dataclasses.dataclass(frozen=True)
-class DeviceData:
-    """The splits as uint8 (N, 3, H, W) tensors on the training device, plus what describes them."""
-
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    val_images: torch.Tensor
-    val_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    class_names: list[str]
-    source: str
-
-
 # ------------------------------------------------------------------ the steps of a run
-
-
-def load_data(config: TrainConfig, device: torch.device, normalization: dict | None) -> DeviceData:
-    """Decode (or read from cache), split off validation, and move everything to `device` once.
-
-    The normalisation is measured on the training split, unless a resumed run brings its own.
-    """
-    data = load_dataset(config.data, Path(config.cache_dir) if config.cache_dir else None, download=config.download)
-    train_x, train_y, val_x, val_y = split_validation(data.train_images, data.train_labels, config.val_size)
-    if config.train_subset:
-        keep = np.sort(np.random.default_rng(config.seed).permutation(len(train_x))[: config.train_subset])
-        train_x, train_y = train_x[keep], train_y[keep]
-    if normalization:
-        mean, std = torch.tensor(normalization["mean"]), torch.tensor(normalization["std"])
-    else:
-        pixels = torch.from_numpy(train_x).reshape(-1, train_x.shape[-1]).double() / PIXEL_DIVISOR
-        mean, std = pixels.mean(0).float(), pixels.std(0).float()
-
-    def on_device(images: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
-
-    return DeviceData(
-        train_images=on_device(train_x),
-        train_labels=torch.from_numpy(train_y).to(device),
-        val_images=on_device(val_x),
-        val_labels=torch.from_numpy(val_y),
-        test_images=on_device(data.test_images),
-        test_labels=torch.from_numpy(data.test_labels),
-        mean=mean.to(device),
-        std=std.to(device),
-        class_names=list(data.class_names),
-        source=data.source,
-    )
 
 
 def whitening_sample(images: torch.Tensor, seed: int, count: int = WHITENING_IMAGES) -> torch.Tensor:
@@ -149,22 +102,6 @@ def build_state(
     return state
 
 
-def validate(state: TrainState, data: DeviceData, config: TrainConfig, precision: str) -> float | None:
-    """Accuracy of the evaluated weights on the validation split (None without one); no TTA."""
-    if not len(data.val_images):
-        return None
-    logits, _ = predict_logits(
-        state.eval_model,
-        data.val_images,
-        data.mean,
-        data.std,
-        tta=0,
-        precision=precision,
-        channels_last=config.channels_last,
-    )
-    return accuracy(logits, data.val_labels)
-
-
 def make_checkpoint(
     state: TrainState,
     data: DeviceData,
@@ -189,37 +126,6 @@ def make_checkpoint(
     )
 
 
-def final_evaluation(state: TrainState, data: DeviceData, config: TrainConfig, precision: str) -> dict:
-    """Test (and validation) accuracy with and without TTA. The test set is only reported, never used for a choice."""
-
-    def logits(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return predict_logits(
-            state.eval_model,
-            images,
-            data.mean,
-            data.std,
-            tta=config.tta,
-            precision=precision,
-            channels_last=config.channels_last,
-        )
-
-    test_plain, test_tta = logits(data.test_images)
-    result = {
-        "model": config.model,
-        "parameters": count_parameters(state.model),
-        "class_names": data.class_names,
-        "test": classification_report(test_plain, data.test_labels, data.class_names),
-        "test_tta": {"level": config.tta, **classification_report(test_tta, data.test_labels, data.class_names)},
-    }
-    if len(data.val_images):
-        val_plain, val_tta = logits(data.val_images)
-        result["val"] = {
-            "accuracy": accuracy(val_plain, data.val_labels),
-            "accuracy_tta": accuracy(val_tta, data.val_labels),
-        }
-    return result
-
-
 def write_outputs(out: Path, result: dict, checkpoint: TrainingCheckpoint, class_names: list[str]) -> None:
     """The finished run's checkpoint, model.pt, report.json and plots."""
     save_checkpoint(checkpoint, out / CHECKPOINT_NAME)
@@ -233,148 +139,174 @@ def write_outputs(out: Path, result: dict, checkpoint: TrainingCheckpoint, class
 # ------------------------------------------------------------------ the run
 
 
+@dataclasses.dataclass
+class Run:
+    """One run's fixed parts, as `run` sets them up: where it writes, its data, how it steps and augments."""
+
+    config: TrainConfig
+    runtime: Runtime
+    out: Path
+    commands: list[str]
+    data: DeviceData
+    loop: Loop
+    augmentation: Augmentation
+    steps_per_epoch: int
+    timer: Timer
+    started: float  # time.perf_counter() at the start of this process
+
+    def batches(self, epoch: int, steps: int):
+        return train_batches(
+            self.data.train_images, self.data.train_labels, self.augmentation, epoch=epoch, max_steps=steps
+        )
+
+    def elapsed_wall(self, wall_before: float) -> float:
+        return wall_before + time.perf_counter() - self.started
+
+    def checkpoint(self, state: TrainState, finished: bool) -> TrainingCheckpoint:
+        return make_checkpoint(
+            state, self.data, self.config, total_steps=self.loop.total_steps, finished=finished,
+            commands=self.commands, timer=self.timer,
+        )  # fmt: skip
+
+
 def run(
-    config: TrainConfig, runtime: Runtime, out: Path, resume: TrainingCheckpoint | None, commands: list[str]
+    config: TrainConfig,
+    runtime: Runtime,
+    out: Path,
+    resume: TrainingCheckpoint | None,
+    commands: list[str],
+    after_step: Callable[[int], None] | None = None,
 ) -> dict | None:
-    """Train (or continue) the run in `out`; returns the report on the main rank."""
-    process_start = time.perf_counter()
-    device = runtime.device
+    """Train (or continue) the run in `out`: set up, warm up, then per epoch train, validate and save; finally
+    evaluate on the test set and write the report. Returns the report on the main rank."""
+    job, state = set_up(config, runtime, out, resume, commands, after_step)
+    wall_before = job.timer.wall_s
+    job.timer.warmup_s += warm_up(state, job.loop, next(job.batches(0, 1)))
+    log.info(
+        "warm-up (%d steps, undone%s): %.1f s",
+        WARMUP_STEPS,
+        ", compilation" if config.compile else "",
+        job.timer.warmup_s,
+    )
+    while state.epoch < job.loop.num_epochs:
+        steps = min(job.steps_per_epoch, job.loop.total_steps - state.step)
+        stats = train_one_epoch(state, job.loop, job.batches(state.epoch, steps), steps)
+        job.timer.train_s += stats.seconds
+        if runtime.is_main:
+            end_epoch(job, state, stats, wall_before)
+        barrier(runtime)
+    return final_report(job, state, wall_before) if runtime.is_main else None
+
+
+def set_up(
+    config: TrainConfig,
+    runtime: Runtime,
+    out: Path,
+    resume: TrainingCheckpoint | None,
+    commands: list[str],
+    after_step: Callable[[int], None] | None,
+) -> tuple[Run, TrainState]:
+    """Threads and determinism, the data on the device, the model and its training state, the run folder."""
+    started, device = time.perf_counter(), runtime.device
+    precision = resolve_precision(config.precision, device)
     if config.threads:
         torch.set_num_threads(config.threads)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
-    precision = resolve_precision(config.precision, device)
     timer = Timer(**resume.timer) if resume else Timer()
-    wall_before = timer.wall_s
-
-    def elapsed_wall() -> float:
-        return wall_before + time.perf_counter() - process_start
-
-    # data
-    t0 = time.perf_counter()
     data = load_data(config, device, resume.normalization if resume else None)
-    timer.data_load_s += time.perf_counter() - t0
+    timer.data_load_s += time.perf_counter() - started
     if config.batch_size % runtime.world_size:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {runtime.world_size} ranks")
     steps_per_epoch = len(data.train_images) // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {config.batch_size} exceeds the {len(data.train_images)} training images")
     total_steps = max(1, round(config.epochs * steps_per_epoch))
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
 
-    # model and training state
     state = build_state(config, data, device, resume)
-    flip_bits = torch.rand(len(data.train_images), generator=torch.Generator().manual_seed(config.seed)) < 0.5
-    flip_bits = flip_bits.to(device)
     train_model = state.model
     if runtime.distributed:
         train_model = DistributedDataParallel(state.model, device_ids=[device] if device.type == "cuda" else None)
     if config.compile:
         train_model = torch.compile(train_model)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-
-    augmentation = {
-        "batch_size": config.batch_size, "seed": config.seed, "mean": data.mean, "std": data.std,
-        "translate": config.translate, "flip": config.flip, "flip_bits": flip_bits, "cutout_size": config.cutout,
-        "rank": runtime.rank, "world_size": runtime.world_size, "channels_last": config.channels_last,
-    }  # fmt: skip
-
-    def batches(epoch: int, steps: int):
-        return train_batches(data.train_images, data.train_labels, epoch=epoch, max_steps=steps, **augmentation)
-
-    def checkpoint(finished: bool) -> TrainingCheckpoint:
-        return make_checkpoint(
-            state, data, config, total_steps=total_steps, finished=finished, commands=commands, timer=timer
-        )
-
-    metrics_path, checkpoint_path = out / "metrics.jsonl", out / CHECKPOINT_NAME
+    loop = Loop(
+        config, runtime, precision, train_model, total_steps, math.ceil(total_steps / steps_per_epoch),
+        scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None, after_step=after_step,
+    )  # fmt: skip
+    flip_bits = torch.rand(len(data.train_images), generator=torch.Generator().manual_seed(config.seed)) < 0.5
+    augmentation = Augmentation(
+        batch_size=config.batch_size, seed=config.seed, mean=data.mean, std=data.std, translate=config.translate,
+        flip=config.flip, flip_bits=flip_bits.to(device), cutout_size=config.cutout, rank=runtime.rank,
+        world_size=runtime.world_size, channels_last=config.channels_last,
+    )  # fmt: skip
+    job = Run(config, runtime, out, commands, data, loop, augmentation, steps_per_epoch, timer, started)
     if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-        kept = [row for row in report.read_metrics(metrics_path) if row["epoch"] <= state.epoch]
-        report.rewrite_metrics(metrics_path, kept)  # a resumed run drops rows written after its checkpoint
-        group = f" ({runtime.backend} process group, DDP)" if runtime.distributed else ""
-        log.info(
-            f"{config.model}: {count_parameters(state.model):,} params | {len(data.train_images)} train / "
-            f"{len(data.val_images)} val / {len(data.test_images)} test images | {num_epochs} epochs x "
-            f"{steps_per_epoch} steps of {config.batch_size} | device {device} x{runtime.world_size}{group}, "
-            f"{precision}{', compiled' if config.compile else ''}"
-        )
+        _prepare_run_folder(job, state)
+    return job, state
 
-    # warm-up, outside the timed training
-    warmup_s = warm_up(train_model, state, next(batches(0, 1)), config, runtime, precision)
-    timer.warmup_s += warmup_s
-    log.info("warm-up (%d steps, undone%s): %.1f s", WARMUP_STEPS, ", compilation" if config.compile else "", warmup_s)
 
-    # train, validate, save: one epoch at a time
-    train_timer = DeviceTimer(device)
-    while state.epoch < num_epochs:
-        steps = min(steps_per_epoch, total_steps - state.step)
-        hint = (
-            f"the last good checkpoint {str(checkpoint_path)!r} is left intact"
-            if checkpoint_path.exists()
-            else "no checkpoint was written"
-        )
-        stats = train_one_epoch(
-            state,
-            train_model,
-            batches(state.epoch, steps),
-            steps=steps,
-            total_steps=total_steps,
-            num_epochs=num_epochs,
-            config=config,
-            runtime=runtime,
-            precision=precision,
-            scaler=scaler,
-            checkpoint_hint=hint,
-            timer=train_timer,
-        )
-        timer.train_s += stats.seconds
-        if runtime.is_main:
-            t0 = time.perf_counter()
-            val_acc = validate(state, data, config, precision)
-            timer.eval_s += time.perf_counter() - t0
-            row = {
-                "epoch": state.epoch,
-                "step": state.step,
-                "train_loss": stats.train_loss,
-                "train_acc": stats.train_acc,
-                "val_acc": val_acc,
-                "lr": stats.lr,
-                "epoch_time_s": stats.seconds,
-                "train_time_s": timer.train_s,
-                "wall_time_s": elapsed_wall(),
-                "images_per_s": stats.images / stats.seconds,
-            }
-            # Metrics first: a kill between the two leaves a row that --resume drops and redoes;
-            # the other order would leave a checkpoint whose epoch has no row, ever.
-            report.append_metrics(metrics_path, row)
-            t0 = time.perf_counter()
-            timer.wall_s = elapsed_wall()
-            saved = checkpoint(finished=False)
-            save_checkpoint(saved, checkpoint_path)
-            if config.keep_epoch_weights:  # for time-to-accuracy curves, scored after the run
-                save_checkpoint(saved.model_checkpoint(), out / "epochs" / f"epoch-{state.epoch:03d}.pt")
-            timer.save_s += time.perf_counter() - t0
-            log.info(
-                "epoch %d/%d  train loss %.4f acc %.2f%%  %s  lr %.4g  %.0f img/s  elapsed %.0f s",
-                state.epoch,
-                num_epochs,
-                stats.train_loss,
-                100 * stats.train_acc,
-                f"val acc {100 * val_acc:.2f}%" if val_acc is not None else "no val split",
-                stats.lr,
-                row["images_per_s"],
-                row["wall_time_s"],
-            )
-        barrier(runtime)
+def _prepare_run_folder(job: Run, state: TrainState) -> None:
+    config, data, loop = job.config, job.data, job.loop
+    job.out.mkdir(parents=True, exist_ok=True)
+    (job.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    metrics_path = job.out / "metrics.jsonl"
+    kept = [row for row in report.read_metrics(metrics_path) if row["epoch"] <= state.epoch]
+    report.rewrite_metrics(metrics_path, kept)  # a resumed run drops rows written after its checkpoint
+    group = f" ({job.runtime.backend} process group, DDP)" if job.runtime.distributed else ""
+    log.info(
+        f"{config.model}: {count_parameters(state.model):,} params | {len(data.train_images)} train / "
+        f"{len(data.val_images)} val / {len(data.test_images)} test images | {loop.num_epochs} epochs x "
+        f"{job.steps_per_epoch} steps of {config.batch_size} | device {job.runtime.device} x"
+        f"{job.runtime.world_size}{group}, {loop.precision}{', compiled' if config.compile else ''}"
+    )
 
-    if not runtime.is_main:
-        return None
 
-    # the final report
+def end_epoch(job: Run, state: TrainState, stats: EpochStats, wall_before: float) -> None:
+    """Validate, record the epoch's metrics, save the checkpoint (main rank)."""
+    config, timer = job.config, job.timer
+    t0 = time.perf_counter()
+    val_acc = validate(state, job.data, config, job.loop.precision)
+    timer.eval_s += time.perf_counter() - t0
+    row = {
+        "epoch": state.epoch,
+        "step": state.step,
+        "train_loss": stats.train_loss,
+        "train_acc": stats.train_acc,
+        "val_acc": val_acc,
+        "lr": stats.lr,
+        "epoch_time_s": stats.seconds,
+        "train_time_s": timer.train_s,
+        "wall_time_s": job.elapsed_wall(wall_before),
+        "images_per_s": stats.images / stats.seconds,
+    }
+    # Metrics first: a kill between the two leaves a row that --resume drops and redoes;
+    # the other order would leave a checkpoint whose epoch has no row, ever.
+    report.append_metrics(job.out / "metrics.jsonl", row)
+    t0 = time.perf_counter()
+    timer.wall_s = job.elapsed_wall(wall_before)
+    saved = job.checkpoint(state, finished=False)
+    save_checkpoint(saved, job.out / CHECKPOINT_NAME)
+    if config.keep_epoch_weights:  # for time-to-accuracy curves, scored after the run
+        save_checkpoint(saved.model_checkpoint(), job.out / "epochs" / f"epoch-{state.epoch:03d}.pt")
+    timer.save_s += time.perf_counter() - t0
+    log.info(
+        "epoch %d/%d  train loss %.4f acc %.2f%%  %s  lr %.4g  %.0f img/s  elapsed %.0f s",
+        state.epoch,
+        job.loop.num_epochs,
+        stats.train_loss,
+        100 * stats.train_acc,
+        f"val acc {100 * val_acc:.2f}%" if val_acc is not None else "no val split",
+        stats.lr,
+        row["images_per_s"],
+        row["wall_time_s"],
+    )
+
+
+def final_report(job: Run, state: TrainState, wall_before: float) -> dict:
+    """Test (and validation) accuracy with and without TTA, the report, the plots and the last checkpoint."""
+    config, timer, data, precision = job.config, job.timer, job.data, job.loop.precision
     t0 = time.perf_counter()
     result = final_evaluation(state, data, config, precision)
     timer.eval_s += time.perf_counter() - t0
@@ -383,8 +315,9 @@ def run(
         epochs=config.epochs,
         steps=state.step,
         train_images_per_s=state.step * config.batch_size / timer.train_s if timer.train_s else None,
+        evaluated_at=precision,
         environment=report.environment_info(
-            device, torch.get_num_threads(), runtime.world_size, precision, runtime.backend
+            job.runtime.device, torch.get_num_threads(), job.runtime.world_size, precision, job.runtime.backend
         ),
         data={
             "source": data.source,
@@ -393,56 +326,56 @@ def run(
             "test": len(data.test_images),
         },
         config=dataclasses.asdict(config),
-        commands=commands,
+        commands=job.commands,
     )
     result["timing"] = dataclasses.asdict(timer)  # updated below, once everything is written
-    write_outputs(out, result, checkpoint(finished=True), data.class_names)
+    write_outputs(job.out, result, job.checkpoint(state, finished=True), data.class_names)
     timer.save_s += time.perf_counter() - t0
-    timer.wall_s = elapsed_wall()
+    timer.wall_s = job.elapsed_wall(wall_before)
     result["timing"] = dataclasses.asdict(timer)
-    report.write_json_atomic(out / "report.json", result)
+    report.write_json_atomic(job.out / "report.json", result)
     log.info(
-        "test accuracy %.2f%% (TTA level %d: %.2f%%) | train %.1f s, warm-up %.1f s, eval %.1f s, wall %.0f s | %s",
+        "test accuracy %.2f%% (TTA level %d: %.2f%%), evaluated at the training precision %s "
+        "(trainer.export re-measures in fp32) | train %.1f s, warm-up %.1f s, eval %.1f s, wall %.0f s | %s",
         100 * result["test"]["accuracy"],
         config.tta,
         100 * result["test_tta"]["accuracy"],
+        precision,
         timer.train_s,
         timer.warmup_s,
         timer.eval_s,
         timer.wall_s,
-        out,
+        job.out,
     )
     return result
+
+
+# Fault injection for the resume tests: with TRAINER_KILL_AFTER_STEP=N set, the process SIGKILLs itself right
+# after global step N (no handler runs, nothing is flushed), as a crash or an OOM kill would stop it, at a point
+# a test can choose and reproduce. Unset in normal use.
+KILL_AFTER_STEP_ENV = "TRAINER_KILL_AFTER_STEP"
+
+
+def _kill_after_step_hook() -> Callable[[int], None] | None:
+    kill_step = int(os.environ.get(KILL_AFTER_STEP_ENV) or 0)
+    if not kill_step:
+        return None
+
+    def kill_at(step: int) -> None:
+        if step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill_at
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     commands = [shlex.join(["python", "-m", "trainer.fit", *(sys.argv[1:] if argv is None else argv)])]
-    resume = None
     try:
-        if args.resume:
-            resume = load_training_checkpoint(args.resume)
-            config = resume_config(resume.config, args)
-            out = Path(args.resume)
-            commands = resume.commands + commands
-            if resume.finished and (out / "report.json").exists():
-                log.info("run %s already finished (%d steps); nothing to do", out, resume.step)
-                return 0
-            if config.device == "cuda" and not torch.cuda.is_available():
-                raise ValueError(
-                    f"run {str(out)!r} trained with --device cuda, but CUDA is not available here; "
-                    f"continue it on this machine with --resume {out} --device cpu"
-                )
-            log.info("resuming %s at epoch %d (step %d) on %s", out, resume.epoch, resume.step, config.device)
-        else:
-            config = config_from_args(args)
-            out = Path(config.out)
-            if (out / CHECKPOINT_NAME).exists():
-                raise ValueError(
-                    f"run folder {str(out)!r} already holds a checkpoint: continue it with --resume {out} "
-                    "or choose another --out"
-                )
+        config, out, resume = _resolve_run(args, commands)
+        if config is None:
+            return 0
         runtime = init_runtime(config.device)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         log.error("error: %s", err)
@@ -450,8 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     if not runtime.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        run(config, runtime, out, resume, commands)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:  # the message says what and how to fix it
+        run(config, runtime, out, resume, resume.commands + commands if resume else commands, _kill_after_step_hook())
+    except NonFiniteLossError as err:
+        checkpoint = out / CHECKPOINT_NAME
+        hint = (
+            f"the last good checkpoint {str(checkpoint)!r} is left intact"
+            if checkpoint.exists()
+            else "no checkpoint was written"
+        )
+        log.error("error: %s; %s. Lower --lr or use --precision fp32.", err, hint)
+        return 1
+    except (ValueError, FileNotFoundError) as err:  # the message says what and how to fix it
         log.error("error: %s", err)
         return 1
     except Exception:  # anything else (CUDA errors included): keep the whole traceback in the log
@@ -460,6 +402,32 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutdown(runtime)
     return 0
+
+
+def _resolve_run(args, commands: list[str]) -> tuple[TrainConfig | None, Path, TrainingCheckpoint | None]:  # type: ignore[no-untyped-def]
+    """The config, run folder and checkpoint to continue from; config None: the run had finished already."""
+    if not args.resume:
+        config = config_from_args(args)
+        out = Path(config.out)
+        if (out / CHECKPOINT_NAME).exists():
+            raise ValueError(
+                f"run folder {str(out)!r} already holds a checkpoint: continue it with --resume {out} "
+                "or choose another --out"
+            )
+        return config, out, None
+    resume = load_training_checkpoint(args.resume)
+    config = resume_config(resume.config, args)
+    out = Path(args.resume)
+    if resume.finished and (out / "report.json").exists():
+        log.info("run %s already finished (%d steps); nothing to do", out, resume.step)
+        return None, out, resume
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"run {str(out)!r} trained with --device cuda, but CUDA is not available here; "
+            f"continue it on this machine with --resume {out} --device cpu"
+        )
+    log.info("resuming %s at epoch %d (step %d) on %s", out, resume.epoch, resume.step, config.device)
+    return config, out, resume
 
 
 if __name__ == "__main__":

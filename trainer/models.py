@@ -137,6 +137,11 @@ def _fast_resnet_256(num_classes: int) -> nn.Module:
     return FastResNet(num_classes, widths=(64, 256, 256))
 
 
+@_register("fast_resnet_320", "fast_resnet at widths 80/320/320, ~3.1M params (fp32 ONNX ~12 MB)")
+def _fast_resnet_320(num_classes: int) -> nn.Module:
+    return FastResNet(num_classes, widths=(80, 320, 320))
+
+
 @_register("fast_resnet_512", "fast_resnet at airbench96-like widths 128/384/512, ~6.1M params")
 def _fast_resnet_512(num_classes: int) -> nn.Module:
     return FastResNet(num_classes, widths=(128, 384, 512))
