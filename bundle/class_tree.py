@@ -10,6 +10,7 @@ few test images per class.
 
 from __future__ import annotations
 
+import os
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -19,6 +20,14 @@ from pathlib import Path, PurePosixPath
 from bundle.preprocess import IMAGE_SUFFIXES, read_image_file
 
 SPLITS = ("train", "test")
+DATA_ENV = "CIFAR10_DATA"  # where the trainer, the tests and the benchmarks read CIFAR-10 from when told nothing
+# The development layout: the shared JPEG copy lies beside the repository (the tests' and benchmarks' default).
+SHARED_COPY = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+
+
+def data_source(default: str | Path = SHARED_COPY) -> Path:
+    """$CIFAR10_DATA, else `default`."""
+    return Path(os.environ.get(DATA_ENV) or default)
 
 
 @dataclass(frozen=True)
@@ -48,13 +57,6 @@ def iter_labelled_files(source: Path, split: str | None = None) -> Iterator[Labe
         yield from _iter_archive(source, split)
     else:  # a FIFO or a device such as /dev/zero would block or never end
         raise ValueError(f"{str(source)!r} is neither a folder nor a regular file (a tar archive of class folders)")
-
-
-def has_split_folders(source: Path) -> bool:
-    """True when the tree or archive at `source` holds train/ or test/ split folders."""
-    if source.is_dir():
-        return any((source / s).is_dir() for s in SPLITS)
-    return any(f.split is not None for f in _iter_archive(source, None, read=False))
 
 
 def first_per_class(source: Path, split: str, per_class: int) -> list[LabelledFile]:

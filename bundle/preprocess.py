@@ -139,18 +139,6 @@ def _jpeg_draft_size(size: tuple[int, int], contract: dict) -> tuple[int, int] |
     return math.ceil(size[0] * scale), math.ceil(size[1] * scale)
 
 
-def decode_images(
-    blobs: list[bytes], names: list[str], contract: dict, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> np.ndarray:
-    """Several image files -> uint8 (N, H, W, 3), as `decode_image`; the first bad one raises ImageError."""
-    return np.stack(
-        [
-            decode_image(blob, contract, name=name, max_pixels=max_pixels)
-            for blob, name in zip(blobs, names, strict=True)
-        ]
-    )
-
-
 def check_declared_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
     """Raise ImageError when an image declares more than `max_pixels` (a decompression bomb, or just too big)."""
     width, height = size

@@ -23,18 +23,22 @@ import fails with a clear error; tests/test_serving.py and tests/test_hardening.
    and the request cycle's `send`, `transport`, `response_complete`, `more_body` are used; the cycle writes
    a response's head and then its body through `transport.write`).
 5. `HttpToolsProtocol.__init__` takes the worker's whole ASGI application (BentoML's, with its middleware)
-   from `config.loaded_app` into `self.app`, which the request cycles call. `serve_routes_directly` puts a
-   dispatcher there: the service's hot routes skip BentoML's per-request middleware (request metrics,
-   tracing, timeout, request context, error pages: 0.13 ms of CPU per request, a seventh of a whole
-   /classify request with the INT8 model; measured side by side, see README "Serving"). The routes then do
+   from `config.loaded_app` into `self.app`, which the request cycles call. `serve_routes_directly` puts the
+   service's route table (serving/api.py `RouteTable`, which the service also adds through BentoML's public
+   `add_asgi_middleware`) in front of it: the classification routes then skip BentoML's per-request middleware
+   (request metrics, tracing, timeout, request context, error pages: 0.13 ms of CPU per request, a seventh of a
+   whole /classify request with the INT8 model; measured side by side, benchmarks/README.md). The routes do
    those jobs themselves (serving/api.py: their own metrics, timeout, error answers).
+
+What BentoML's public settings do not cover, and so still needs this module (bentoml 1.4.40): a Prometheus
+folder per server, bounded metric labels, limits on request headers and their arrival time, a bounded drain
+after an early answer, and skipping the per-request middleware on the hot routes.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -45,6 +49,9 @@ from typing import ClassVar
 import bentoml
 import uvicorn
 from starlette.types import ASGIApp
+
+from serving.api import RouteTable
+from serving.requests import error_body
 
 SUPPORTED = {"bentoml": ((1, 4, 40), (1, 5)), "uvicorn": ((0, 30), (0, 60))}  # [lowest, first unsupported)
 
@@ -70,6 +77,9 @@ from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddle
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: E402
 
 UNKNOWN_ROUTE = "/(unknown-route)"
+# Routes that BentoML 1.4 serves itself (besides the service's own): health, metrics, its schema and OpenAPI.
+BENTOML_ROUTES = ("/livez", "/healthz", "/readyz", "/metrics", "/schema.json", "/docs.json")
+BENTOML_ROUTE_PREFIXES = ("/static_content/",)
 
 
 # ------------------------------------------------------------------ 1 and 3. a Prometheus folder per server, workers noted in it
@@ -145,10 +155,10 @@ def note_worker_exit() -> None:
 # ------------------------------------------------------------------ 2. one metrics label for unknown paths
 
 
-def collapse_unknown_route_metrics(paths: Iterable[str], prefixes: Iterable[str] = ()) -> None:
-    """Requests to paths other than `paths` (or under `prefixes`) reach BentoML's request metrics, and the
+def collapse_unknown_route_metrics(service_paths: Iterable[str]) -> None:
+    """Requests to paths other than the service's and BentoML's own reach BentoML's request metrics, and the
     404 handler, as one path, UNKNOWN_ROUTE: the metrics keep a bounded number of label values."""
-    known, known_prefixes = frozenset(paths), tuple(prefixes)
+    known, known_prefixes = frozenset([*service_paths, *BENTOML_ROUTES]), BENTOML_ROUTE_PREFIXES
     original = RunnerTrafficMetricsMiddleware.__call__
     if getattr(original, "_collapses_unknown_routes", False):
         return
@@ -167,7 +177,7 @@ def collapse_unknown_route_metrics(paths: Iterable[str], prefixes: Iterable[str]
 
 
 def _refusal(status: int, reason: str, message: str) -> bytes:
-    body = json.dumps({"error": message, "status": status}).encode()
+    body = error_body(status, message)
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
         "x-content-type-options: nosniff\r\nconnection: close\r\n\r\n"
@@ -230,16 +240,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     also for a connection that sends nothing); body bytes that keep arriving after the answer was sent (an
     early 413) discarded up to `max_drain_bytes` and `linger_s`, before the connection closes or is reused."""
 
-    max_header_bytes = 64 * 1024
-    header_timeout_s = 10.0
-    max_drain_bytes = 64 * 2**20
-    linger_s = 10.0
+    # Set by install_http_limits from the service's settings (serving/settings.py).
+    max_header_bytes: ClassVar[int]
+    header_timeout_s: ClassVar[float]
+    max_drain_bytes: ClassVar[int]
+    linger_s: ClassVar[float]
     direct_routes: ClassVar[dict[tuple[str, str], ASGIApp]] = {}  # (method, path) -> handler (see 5 above)
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         if self.direct_routes:
-            self.app = _DirectRoutes(self.app, self.direct_routes)
+            self.app = RouteTable(self.app, self.direct_routes)
 
     def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
         super().connection_made(_LingeringTransport(transport, self))
@@ -360,30 +371,20 @@ def _head_with_body(send, transport: _LingeringTransport):  # type: ignore[no-un
     return send_head_with_body
 
 
-class _DirectRoutes:
-    """The worker's ASGI application, except that HTTP requests whose (method, path) is in `routes` go straight
-    to their handler."""
-
-    def __init__(self, app: ASGIApp, routes: dict[tuple[str, str], ASGIApp]) -> None:
-        self.app = app
-        self.routes = routes
-
-    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
-        handler = self.routes.get((scope["method"], scope["path"])) if scope["type"] == "http" else None
-        await (handler or self.app)(scope, receive, send)
-
-
 def serve_routes_directly(routes: dict[tuple[str, str], ASGIApp]) -> None:
     """Requests with these exact (method, path) skip BentoML's application and middleware in this worker (see
     5 above); their handlers keep their own metrics, time limits and error answers. An empty dict undoes it."""
     GuardedHttpToolsProtocol.direct_routes = dict(routes)
 
 
-def install_http_limits(*, max_header_bytes: int, header_timeout_s: float, max_drain_bytes: int) -> None:
+def install_http_limits(
+    *, max_header_bytes: int, header_timeout_s: float, max_drain_bytes: int, linger_s: float
+) -> None:
     """Make uvicorn (in this worker) use GuardedHttpToolsProtocol with these limits (see 4 above)."""
     GuardedHttpToolsProtocol.max_header_bytes = max_header_bytes
     GuardedHttpToolsProtocol.header_timeout_s = header_timeout_s
     GuardedHttpToolsProtocol.max_drain_bytes = max_drain_bytes
+    GuardedHttpToolsProtocol.linger_s = linger_s
     name = f"{__name__}:GuardedHttpToolsProtocol"
     uvicorn.config.HTTP_PROTOCOLS["auto"] = name
     uvicorn.config.HTTP_PROTOCOLS["httptools"] = name

@@ -23,20 +23,10 @@ import numpy as np
 from tqdm import tqdm
 
 from bundle.class_tree import iter_labelled_files
-from bundle.manifest import ExportedModel, ModelError, load_model_dir, verify_checksums
-from bundle.preprocess import (
-    DEFAULT_MAX_FILE_BYTES,
-    IMAGE_SUFFIXES,
-    ImageError,
-    decode_image,
-    pixels_to_input,
-    read_image_file,
-    softmax,
-    top_k,
-)
-from bundle.runtime import load_backend, resolve_backend
-
-OFFLINE_BACKENDS = ("auto", "onnx", "onnx_int8")
+from bundle.manifest import ModelError
+from bundle.preprocess import DEFAULT_MAX_FILE_BYTES, IMAGE_SUFFIXES, ImageError, read_image_file, top_k
+from bundle.runtime import TORCH_FREE_BACKENDS
+from serving.classifier import DEFAULT_K, Classifier
 
 
 def expand_paths(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -68,20 +58,22 @@ def expand_paths(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]
     return files, problems
 
 
-def labelled_items(source: Path, class_names: list[str]) -> Iterator[tuple[str, int, bytes | Path]]:
-    """(name, label, bytes or file) of a class-folder tree or archive; its test/ split if it has split folders."""
+def labelled_items(source: Path, class_names: list[str]) -> list[tuple[str, int, bytes | Path]]:
+    """(name, label, bytes or file) of a class-folder tree or archive; its test/ split if it has split folders.
+    Listed whole first (an archive's images are read into memory), so that progress can show a total."""
     index = {name: i for i, name in enumerate(class_names)}
+    items = []
     for file in iter_labelled_files(source, "test"):
         if file.label not in index:
             raise ValueError(
                 f"folder {file.label!r} in {str(source)!r} is not a class of this model ({', '.join(class_names)})"
             )
-        yield file.name, index[file.label], file.content  # files are read by predict_stream, which reports errors
+        items.append((file.name, index[file.label], file.content))  # files are read by predict_stream
+    return items
 
 
 def predict_stream(
-    model: ExportedModel,
-    run,
+    classifier: Classifier,
     items: Iterable[tuple[str, bytes | Path]],
     batch_size: int,
     total: int | None,
@@ -94,7 +86,7 @@ def predict_stream(
     pending: list[tuple[str, np.ndarray]] = []
 
     def flush() -> Iterator[tuple[str, np.ndarray, None]]:
-        probabilities = softmax(run(pixels_to_input(np.stack([p for _, p in pending]), model.contract)))
+        probabilities = classifier.probabilities(np.stack([p for _, p in pending]))
         for (name, _), row in zip(pending, probabilities, strict=True):
             yield name, row, None
         pending.clear()
@@ -102,7 +94,7 @@ def predict_stream(
     for name, data in tqdm(items, total=total, unit="img", desc="predicting", disable=None, file=sys.stderr):
         try:
             data = read_image_file(data, max_file_bytes) if isinstance(data, Path) else data
-            pending.append((name, decode_image(data, model.contract, name=name)))
+            pending.append((name, classifier.pixels(data, name=name)))
         except ImageError as err:
             yield name, None, str(err)
         if len(pending) >= batch_size:
@@ -126,28 +118,27 @@ def _print_results(results: list[tuple[str, np.ndarray]], class_names: list[str]
         for (name, _), preds in zip(results, ranked, strict=True):
             for rank, p in enumerate(preds, 1):
                 writer.writerow([name, rank, p["label"], f"{p['probability']:.6f}"])
-    else:
+    else:  # columns: the name, then label and probability per rank, each column as wide as its widest entry
         width = max((len(name) for name, _ in results), default=4)
+        label_width = max(map(len, class_names))
         for (name, _), preds in zip(results, ranked, strict=True):
-            print(f"{name:<{width}}  " + "  ".join(f"{p['label']} {100 * p['probability']:5.1f}%" for p in preds))
+            cells = (f"{p['label']:<{label_width}} {100 * p['probability']:5.1f}%" for p in preds)
+            print(f"{name:<{width}}  " + "  ".join(cells))
 
 
 def evaluate(
-    model: ExportedModel, run, source: Path, batch_size: int, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    classifier: Classifier, source: Path, batch_size: int, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 ) -> tuple[dict, int]:
     """Accuracy and per-class accuracy on a labelled source; returns (summary, files skipped). Raises
     ValueError when the source holds no labelled image that could be scored."""
-    labels: dict[str, int] = {}
-
-    def items() -> Iterator[tuple[str, bytes | Path]]:
-        for name, label, data in labelled_items(source, model.class_names):
-            labels[name] = label
-            yield name, data
-
-    k = len(model.class_names)
+    class_names = classifier.class_names
+    listed = labelled_items(source, class_names)
+    labels = {name: label for name, label, _ in listed}
+    k = len(class_names)
     confusion = np.zeros((k, k), dtype=np.int64)
     skipped = 0
-    for name, probabilities, error in predict_stream(model, run, items(), batch_size, None, max_file_bytes):
+    items = [(name, data) for name, _, data in listed]
+    for name, probabilities, error in predict_stream(classifier, items, batch_size, len(items), max_file_bytes):
         if error:
             print(f"skipped {error}", file=sys.stderr)
             skipped += 1
@@ -157,9 +148,9 @@ def evaluate(
     if total == 0:
         raise ValueError(
             f"no labelled image could be scored in {str(source)!r} ({skipped} skipped): expected <class>/<image> "
-            f"or test/<class>/<image> with class folders named {', '.join(model.class_names)}"
+            f"or test/<class>/<image> with class folders named {', '.join(class_names)}"
         )
-    per_class = {c: float(confusion[i, i] / max(1, confusion[i].sum())) for i, c in enumerate(model.class_names)}
+    per_class = {c: float(confusion[i, i] / max(1, confusion[i].sum())) for i, c in enumerate(class_names)}
     return {
         "images": total,
         "skipped": skipped,
@@ -175,20 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 all good, 1 some files skipped, 2 bad usage or model.",
     )
     parser.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders or glob patterns")
-    parser.add_argument("--model", help="exported model folder (default: $CLASSIFIER_MODEL or exported_models/default)")
+    parser.add_argument(
+        "--model",
+        help="exported model folder or BentoML model tag (default: $CLASSIFIER_MODEL or exported_models/default)",
+    )
     parser.add_argument(
         "--backend",
-        choices=OFFLINE_BACKENDS,
+        choices=TORCH_FREE_BACKENDS,
         default="auto",
         help="ONNX Runtime fp32 or INT8; auto: INT8 when its export gate passed, as the service (default: auto)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default: 64)")
-    parser.add_argument("--top-k", type=int, default=3, help="labels shown per image (default: 3)")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_K, help=f"labels shown per image (default: {DEFAULT_K})")
     parser.add_argument(
         "--format", choices=("table", "csv", "json"), default="table", help="output format (default: table)"
     )
     parser.add_argument("--evaluate", metavar="SOURCE", help="score a labelled class-folder tree or .tar(.gz) instead")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: 0 = the usable cores)"
+    )
     parser.add_argument(
         "--max-file-mb",
         type=float,
@@ -203,14 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.paths) == bool(args.evaluate):
         parser.error("give image PATHs or --evaluate SOURCE (one of the two)")
-    if args.batch_size < 1 or args.top_k < 1 or args.threads < 0 or args.max_file_mb <= 0:
-        parser.error("--batch-size and --top-k must be >= 1, --threads >= 0, --max-file-mb > 0")
+    for flag, value, ok, rule in (
+        ("--batch-size", args.batch_size, args.batch_size >= 1, "at least 1"),
+        ("--top-k", args.top_k, args.top_k >= 1, "at least 1"),
+        ("--threads", args.threads, args.threads >= 0, "0 (the usable cores) or more"),
+        ("--max-file-mb", args.max_file_mb, args.max_file_mb > 0, "more than 0"),
+    ):
+        if not ok:
+            parser.error(f"{flag} must be {rule}, got {value:g}")
     max_file_bytes = int(args.max_file_mb * 2**20)
     try:
-        model = load_model_dir(args.model)
-        backend = resolve_backend(model, args.backend)
-        verify_checksums(model, [backend])
-        run = load_backend(model, backend, threads=args.threads or None)
+        classifier = Classifier.load(args.model, backend=args.backend, threads=args.threads)
     except (ModelError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -221,16 +220,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {str(source)!r} does not exist", file=sys.stderr)
             return 2
         try:
-            summary, skipped = evaluate(model, run, source, args.batch_size, max_file_bytes)
+            summary, skipped = evaluate(classifier, source, args.batch_size, max_file_bytes)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         if args.format == "json":
-            print(json.dumps({"model": model.name, "source": str(source), **summary}, indent=2))
+            print(json.dumps({"model": classifier.name, "source": str(source), **summary}, indent=2))
         else:
             skipped_text = f" ({skipped} skipped)" if skipped else ""
             print(
-                f"{model.name} on {source}: accuracy {100 * summary['accuracy']:.2f}% over {summary['images']} images{skipped_text}"
+                f"{classifier.name} on {source}: accuracy {100 * summary['accuracy']:.2f}% over {summary['images']} images{skipped_text}"
             )
             for name, acc in summary["per_class_accuracy"].items():
                 print(f"  {name:<12} {100 * acc:6.2f}%")
@@ -241,13 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {pattern}: {problem}", file=sys.stderr)
     results, skipped = [], len(problems)
     items = ((str(f), f) for f in files)
-    for name, probabilities, error in predict_stream(model, run, items, args.batch_size, len(files), max_file_bytes):
+    for name, probabilities, error in predict_stream(classifier, items, args.batch_size, len(files), max_file_bytes):
         if error:
             print(f"skipped {error}", file=sys.stderr)
             skipped += 1
         else:
             results.append((name, probabilities))
-    _print_results(results, model.class_names, args.top_k, args.format)
+    _print_results(results, classifier.class_names, args.top_k, args.format)
     return 1 if skipped else 0
 
 

@@ -16,6 +16,8 @@ from urllib.parse import parse_qs
 import numpy as np
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from serving.classifier import DEFAULT_K
+
 Receive = Callable[[], Awaitable[dict]]
 FILE_FIELD = "images"
 JSON_INLINE_BYTES = 64 * 1024  # JSON bodies up to this size are parsed on the event loop; bigger in a thread
@@ -29,6 +31,11 @@ class RequestError(Exception):
         self.status = status
         self.message = message
         self.close = close  # answer with Connection: close (the rest of the body was not read)
+
+
+def error_body(status: int, message: str) -> bytes:
+    """The JSON body of every refusal: {"error": message, "status": code}."""
+    return json.dumps({"error": message, "status": status}).encode()
 
 
 class ClientGone(Exception):
@@ -55,10 +62,13 @@ class BufferBudget:
             raise RequestError(503, "the server is receiving too many large uploads at once; retry shortly", close=True)
         self.used += n
 
+    def release(self, n: int) -> None:
+        self.used -= n
+
 
 async def read_body(receive: Receive, declared: int | None, limits: BodyLimits, budget: BufferBudget) -> bytes:
     """The request body, refused (413) past `limits.max_bytes`, (408) when it arrives too slowly, (503) when
-    the worker holds too many bodies already. The caller gives the bytes back with `budget.used -= len(body)`."""
+    the worker holds too many bodies already. The caller gives the bytes back with `budget.release(len(body))`."""
     if declared is not None and declared > limits.max_bytes:
         raise RequestError(413, f"request body of {declared:,} bytes exceeds the {_size(limits.max_bytes)} limit")
     allowed = limits.timeout_s + (declared if declared is not None else limits.max_bytes) / limits.min_rate
@@ -80,12 +90,12 @@ async def read_body(receive: Receive, declared: int | None, limits: BodyLimits, 
                 if not message.get("more_body"):
                     return b"".join(chunks)
     except TimeoutError:
-        budget.used -= size
+        budget.release(size)
         raise RequestError(
             408, f"the request body did not arrive within {allowed:.0f} s ({_size(size)} received)", close=True
         ) from None
     except BaseException:
-        budget.used -= size
+        budget.release(size)
         raise
 
 
@@ -102,10 +112,8 @@ class Upload:
     data: bytes
 
 
-def parse_k(text: str | bytes | None, num_classes: int) -> int:
-    """The `k` parameter (top-k labels per image): default 3, at most the number of classes."""
-    if text is None:
-        return min(3, num_classes)
+def parse_k(text: str | bytes, num_classes: int) -> int:
+    """The `k` parameter (top-k labels per image): an integer from 1 to the number of classes."""
     if isinstance(text, bytes):
         text = text.decode("latin-1")
     try:
@@ -117,9 +125,24 @@ def parse_k(text: str | bytes | None, num_classes: int) -> int:
     return k
 
 
-def query_k(query_string: bytes, num_classes: int) -> int:
-    values = parse_qs(query_string.decode("latin-1")).get("k")
-    return parse_k(values[-1] if values else None, num_classes)
+def resolve_k(in_query: str | None, in_body: str | bytes | None, num_classes: int) -> int:
+    """`k` from the query string (`?k=2`) or the body (form field, JSON key), the same rule for every route:
+    either place, or both with the same value; DEFAULT_K (at most the number of classes) when neither."""
+    if in_query is None and in_body is None:
+        return min(DEFAULT_K, num_classes)
+    values = {parse_k(text, num_classes) for text in (in_query, in_body) if text is not None}
+    if len(values) > 1:
+        body = in_body.decode("latin-1") if isinstance(in_body, bytes) else in_body
+        raise RequestError(
+            400, f"k is given twice with different values (?k={in_query} and k={body} in the body); give it once"
+        )
+    return values.pop()
+
+
+def query_value(query_string: bytes, name: str) -> str | None:
+    """The last value of `name` in a query string, or None."""
+    values = parse_qs(query_string.decode("latin-1")).get(name)
+    return values[-1] if values else None
 
 
 def parse_multipart(body: bytes, content_type: str, *, max_files: int) -> tuple[list[Upload], dict[str, bytes]]:

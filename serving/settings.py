@@ -1,4 +1,7 @@
-"""Service settings: `bentoml serve --arg name=value`, else $CLASSIFIER_<NAME>, else the default."""
+"""Service settings: `bentoml serve --arg name=value`, else $CLASSIFIER_<NAME>, else the default.
+
+Every limit and default of the service is defined here once; the rest of serving/ reads it from the settings.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +12,16 @@ from pydantic import BaseModel, Field, model_validator
 
 from bundle.environment import usable_cores
 from bundle.preprocess import DEFAULT_MAX_PIXELS
+from bundle.runtime import BACKEND_CHOICES
 
 
 class ServiceSettings(BaseModel):
-    model: str = ""  # exported model folder; empty: $CLASSIFIER_MODEL or exported_models/default
+    # An exported model folder or a BentoML model-store tag (cifar10-classifier:latest); empty: the bundled
+    # exported_models/default (serving/model_store.py: a folder is also imported into the store, for `bentoml build`).
+    model: str = ""
     # auto: the INT8 model when its export gate passed (2.4x the fp32 model's images/s at batch 64, same test
     # accuracy for the bundled model: README, benchmarks/inference_speed.py), else fp32 ONNX.
-    backend: Literal["auto", "onnx", "onnx_int8", "torchscript"] = "auto"
+    backend: Literal[*BACKEND_CHOICES] = "auto"
     # One worker process per usable core, one intra-op thread each: on 2 cores this served 46% more
     # requests/s at concurrency 32 than 1 worker x 2 threads, p99 230 vs 308 ms (2026-11-27, AVX2 machine,
     # `python -m benchmarks.load_test --compare-workers`): request parsing runs in parallel, and small batches
@@ -34,13 +40,18 @@ class ServiceSettings(BaseModel):
     timeout_s: int = Field(10, ge=1)  # a request unanswered this long after its body arrived gets 504
     max_images: int = Field(64, ge=1)  # images per /classify request
     max_body_mb: float = Field(16.0, gt=0)  # per request (413 beyond)
-    body_timeout_s: float = Field(5.0, gt=0)  # a body must arrive within this + its size at 64 KiB/s (408)
+    body_timeout_s: float = Field(5.0, gt=0)  # a body must arrive within this + its size at min_upload_kib_s (408)
+    min_upload_kib_s: float = Field(64.0, gt=0)  # the slowest upload rate an honest client is granted
     max_buffered_mb: float = Field(256.0, gt=0)  # request bodies held in memory per worker (503 beyond)
     max_header_kb: int = Field(64, ge=1)  # request line + headers (431 beyond)
     header_timeout_s: float = Field(10.0, gt=0)  # headers must arrive within this after connecting (408)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # declared width x height per image (decompression bombs)
     max_request_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # declared pixels of all images of a request (413)
     max_decode_pixels_in_flight: int = Field(2 * DEFAULT_MAX_PIXELS, ge=1)  # per worker, large images (503 beyond)
+    # Body bytes read and discarded after an early answer (413) so that the client can read it; a bigger rest
+    # closes the connection. 0: 4 x max_body_mb, at least 64 MiB.
+    max_drain_mb: float = Field(0.0, ge=0)
+    drain_timeout_s: float = Field(10.0, gt=0)  # how long that rest may take to arrive
     access_log: bool = False  # one log line per request (costs CPU under load; off by default)
     warmup_s: float = Field(0.0, ge=0)  # keep warming up at least this long (tests use it to observe /readyz)
 
@@ -60,4 +71,15 @@ class ServiceSettings(BaseModel):
         self.workers = self.workers or cores
         self.threads = self.threads or max(1, cores // self.workers)
         self.max_latency_ms = self.max_latency_ms or self.timeout_s * 1000
+        self.max_drain_mb = self.max_drain_mb or max(64.0, 4 * self.max_body_mb)
         return self
+
+    @property
+    def latency_budget_s(self) -> float:
+        """Seconds from a request's arrival within which its answer is due (503 at once when it cannot be)."""
+        return min(self.max_latency_ms / 1000, self.timeout_s)
+
+    @property
+    def worker_max_concurrency(self) -> int:
+        """This worker's share of `max_concurrency` (a service-wide figure)."""
+        return -(-self.max_concurrency // self.workers)

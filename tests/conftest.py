@@ -1,6 +1,6 @@
 """Shared fixtures: the shared CIFAR-10 copy, one short real training run, and its export.
 
-The data set is read from $CIFAR10_JPEG or ../shared/datasets/cifar10-jpeg.tar.gz
+The data set is read from $CIFAR10_DATA or ../shared/datasets/cifar10-jpeg.tar.gz
 beside the repository; tests that need it are skipped (with the reason) when
 it is missing. Device: $TEST_DEVICE (default cpu).
 """
@@ -8,49 +8,23 @@ it is missing. Device: $TEST_DEVICE (default cpu).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import REPO, TEST_DEVICE, run_module
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_ARCHIVE = Path(os.environ.get("CIFAR10_JPEG", REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"))
+from bundle.class_tree import DATA_ENV, data_source
+
+SHARED_ARCHIVE = data_source()
 DEFAULT_MODEL = REPO / "exported_models" / "default"
-TEST_DEVICE = os.environ.get("TEST_DEVICE", "cpu")
-
-
-def run_module(
-    module: str, *args: str, timeout: float = 600, check: bool = True, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """Run `python -m module args...` from the repository root; return the completed process."""
-    result = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{module} {' '.join(args)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-        )
-    return result
 
 
 @pytest.fixture(scope="session")
 def shared_archive() -> Path:
     if not SHARED_ARCHIVE.is_file():
-        pytest.skip(f"shared CIFAR-10 copy not found at {SHARED_ARCHIVE} (set CIFAR10_JPEG)")
+        pytest.skip(f"shared CIFAR-10 copy not found at {SHARED_ARCHIVE} (set {DATA_ENV})")
     return SHARED_ARCHIVE
-
-
-# Test accuracy that `trained_run` must reach. Measured: 51.2% (seed 0, this project's 2-core CPU); chance is 10%.
-# The 11-point margin covers other CPUs' float differences, while a pipeline that trains on misaligned labels,
-# evaluates other pixels than it trained on, or barely trains stays far below.
-SHORT_RUN_MIN_ACCURACY = 0.40
 
 
 @pytest.fixture(scope="session")

@@ -31,8 +31,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from conftest import run_module
-from helpers import ServedClassifier, image_bytes, read_test_images
+from helpers import ServedClassifier, image_bytes, read_test_images, run_module
 from PIL import Image
 
 pytestmark = pytest.mark.slow

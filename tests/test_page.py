@@ -18,7 +18,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from benchmarks.browser import find_chromium, start_chromium
 from bundle.manifest import load_model_dir
-from bundle.runtime import load_backend, resolve_backend
+from bundle.runtime import resolve_backend
+from serving.classifier import Classifier
 from serving.predict import predict_stream
 
 pytestmark = pytest.mark.slow
@@ -69,7 +70,7 @@ def test_page_classifies_a_chosen_image_like_the_offline_predictor(
     path = tmp_path / Path(name).name
     path.write_bytes(data)
     model = load_model_dir(default_model)
-    ((_, probabilities, _),) = predict_stream(model, load_backend(model, "auto", threads=1), [(path.name, data)], 1, 1)
+    ((_, probabilities, _),) = predict_stream(Classifier.load(model.folder, threads=1), [(path.name, data)], 1, 1)
     expected = model.class_names[int(probabilities.argmax())]
 
     browser.find_element(By.ID, "files").send_keys(str(path))

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_module
-from helpers import read_test_images
+from helpers import REPO, read_test_images, run_module
 
 from bundle.manifest import ExportedModel, load_model_dir
-from bundle.runtime import load_backend, resolve_backend
+from bundle.runtime import resolve_backend
+from serving.classifier import Classifier
 from serving.predict import predict_stream
 
 PER_CLASS = 3  # images per class in the small labelled tree
@@ -48,9 +48,9 @@ def tree(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="module")
 def expected(model: ExportedModel, tree: Path) -> dict[str, np.ndarray]:
     """Probabilities computed in this process with the predictor's library functions, by file path."""
-    run = load_backend(model, "auto", threads=1)
+    classifier = Classifier.load(model.folder, threads=1)
     items = [(str(f), f.read_bytes()) for f in sorted(tree.rglob("*.jpg"))]
-    return {name: p for name, p, _ in predict_stream(model, run, items, batch_size=64, total=None)}
+    return {name: p for name, p, _ in predict_stream(classifier, items, batch_size=64, total=None)}
 
 
 def _predict(model_dir: Path, *args: str, check: bool = True):
@@ -239,3 +239,26 @@ def test_predict_never_imports_torch_or_the_service(default_model, tree) -> None
     }
     assert "onnxruntime" in imported  # the probe sees imports at all
     assert not {m for m in imported if m.split(".")[0] in ("torch", "bentoml", "trainer")}
+
+
+@pytest.mark.parametrize(
+    ("artifacts", "int8_gate", "chosen"),
+    [
+        (("onnx", "onnx_int8"), {"passed": True}, "onnx_int8"),
+        (("onnx", "onnx_int8"), {"passed": False}, "onnx"),  # a bundle whose INT8 model lost accuracy
+        (("onnx", "onnx_int8"), None, "onnx"),  # no gate recorded: not vouched for
+        (("onnx",), {"passed": True}, "onnx"),  # no INT8 file
+    ],
+)
+def test_auto_runs_the_int8_model_only_when_its_export_gate_passed(
+    default_model: Path, tmp_path: Path, artifacts: tuple[str, ...], int8_gate: dict | None, chosen: str
+) -> None:
+    """The service and the predictor choose `auto` the same way (bundle.runtime.resolve_backend)."""
+    folder = Path(shutil.copytree(default_model, tmp_path / "model"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["artifacts"] = {kind: entry for kind, entry in manifest["artifacts"].items() if kind in artifacts}
+    manifest["parity"].pop("onnx_int8", None)
+    if int8_gate is not None:
+        manifest["parity"]["onnx_int8"] = int8_gate
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert Classifier.load(folder, threads=1).backend == chosen

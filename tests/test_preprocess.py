@@ -23,6 +23,7 @@ from PIL import Image
 from bundle.contract import IMAGE_HEIGHT, IMAGE_WIDTH, PIXEL_DIVISOR, input_contract
 from bundle.manifest import load_model_dir
 from bundle.preprocess import ImageError, decode_image, decode_plain_jpeg, to_contract_pixels
+from serving.classifier import Classifier
 from serving.decoding import Decoder
 from serving.predict import predict_stream
 from serving.requests import RequestError, Upload
@@ -370,7 +371,7 @@ def test_predict_stream_feeds_the_model_the_contract_input(default_model: Path) 
         seen.append(batch.copy())
         return np.zeros((len(batch), len(model.class_names)), np.float32)
 
-    results = list(predict_stream(model, recording_runner, items, batch_size=8, total=None))
+    results = list(predict_stream(Classifier(model, "onnx", recording_runner), items, batch_size=8, total=None))
     assert [(name, error) for name, _, error in results] == [(name, None) for name, _ in items]
     (batch,) = seen
     assert batch.dtype == np.float32 and batch.shape == (3, 3, IMAGE_HEIGHT, IMAGE_WIDTH)

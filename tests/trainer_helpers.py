@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import REPO
+from helpers import REPO
 
 TINY_EPOCHS = 4
 TINY_STEPS_PER_EPOCH = 10
