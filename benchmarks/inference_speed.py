@@ -28,18 +28,11 @@ import torch
 from bundle.environment import library_versions
 from bundle.manifest import load_model_dir
 from bundle.preprocess import pixels_to_input
-from bundle.runtime import load_backend
+from bundle.runtime import load_backend, onnx_runner, torchscript_runner
 from trainer.data import load_dataset
 from trainer.export import export_int8, export_onnx, export_torchscript, load_trained_model
 from trainer.models import build_model
-from trainer.parity import (
-    check_parity,
-    measure_accuracy,
-    onnx_runner,
-    reference_outputs,
-    torch_runner,
-    torchscript_runner,
-)
+from trainer.parity import check_parity, measure_accuracy, reference_outputs, torch_runner
 from trainer.report import environment_info
 from trainer.wrappers import MirrorAveraged, NormalizedModel
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import SHORT_RUN_MIN_ACCURACY, run_module
+from helpers import SHORT_RUN_MIN_ACCURACY, run_module
 from onnx import numpy_helper
 from torch import nn
 from trainer_helpers import tiny_fit_args
@@ -106,7 +106,9 @@ def _sha256(path: Path) -> str:
 
 
 def test_export_folder_holds_exactly_the_listed_artifacts(exported_model: Path, manifest: dict) -> None:
-    assert {p.name for p in exported_model.iterdir()} == {"manifest.json", *ARTIFACT_FILES.values()}
+    documents = ["MODEL_CARD.md", "predictions.png", "confusion.png"]
+    assert manifest["documents"] == documents
+    assert {p.name for p in exported_model.iterdir()} == {"manifest.json", *ARTIFACT_FILES.values(), *documents}
     assert not list(exported_model.parent.glob(".*")), "staging or backup folders were left beside the output"
     assert {kind: entry["file"] for kind, entry in manifest["artifacts"].items()} == ARTIFACT_FILES
     for kind, entry in manifest["artifacts"].items():
@@ -504,3 +506,65 @@ def test_export_onnx_writes_gelu_as_one_node_that_int8_keeps_whole(tmp_path: Pat
     for path in (fp32, int8):
         ops = [node.op_type for node in onnx.load(str(path)).graph.node]
         assert ops.count("Gelu") == 1 and "Erf" not in ops, f"{path.name}: {ops}"
+
+
+# ------------------------------------------------------------------ what each file says about itself, portability
+
+
+def test_export_onnx_files_describe_themselves_from_the_manifests_facts(exported_model: Path, manifest: dict) -> None:
+    """A user who takes only model.onnx still has the class names and the input contract (issue 20)."""
+    import onnxruntime
+
+    for kind in ("onnx", "onnx_int8"):
+        session = onnxruntime.InferenceSession(str(exported_model / ARTIFACT_FILES[kind]))
+        meta = session.get_modelmeta().custom_metadata_map
+        assert json.loads(meta["class_names"]) == manifest["class_names"], kind
+        assert json.loads(meta["input_contract"]) == manifest["input"], kind
+        assert meta["architecture"] == manifest["architecture"] and meta["name"] == manifest["name"]
+
+
+def test_export_int8_leaves_no_quantised_tensor_without_a_valid_axis(exported_model: Path) -> None:
+    """OpenCV 4.x refuses a DequantizeLinear whose per-channel or default axis (1) does not fit its tensor: the
+    exporter keeps the nodes with 1-D or scalar weights in float. ONNX Runtime's defaults wrote such nodes
+    (BatchNormalization's scale and shift, the scalar logit scale)."""
+    graph = onnx.load(str(exported_model / "model.int8.onnx")).graph
+    ranks = {init.name: len(init.dims) for init in graph.initializer}
+    consumer = {name: node.op_type for node in graph.node for name in node.input}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in ranks:
+            continue
+        rank, scale_rank = ranks[node.input[0]], ranks.get(node.input[1], 0)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        assert scale_rank == 0 or -rank <= axis < rank, (node.name, rank, axis)
+        if rank <= 1:  # only biases, quantised with their weights' scales; no 1-D or scalar weight elsewhere
+            assert consumer[node.output[0]] in ("Conv", "Gemm"), (node.name, consumer[node.output[0]])
+
+
+def test_export_manifest_records_portability_in_the_installed_runtimes(manifest: dict) -> None:
+    """Each ONNX file was run in OpenVINO and OpenCV (the CI installs both): passed, with the version that passed;
+    a runtime that is not installed would say so, never passed."""
+    import importlib.util
+
+    for kind in ("onnx", "onnx_int8"):
+        results = manifest["portability"][kind]
+        assert set(results) == {"openvino", "opencv"}, results
+        for runtime, module in (("openvino", "openvino"), ("opencv", "cv2")):
+            result = results[runtime]
+            if importlib.util.find_spec(module) is None:
+                assert result["status"] == "not checked", result
+                continue
+            assert result["status"] == "passed" and result["version"], (kind, runtime, result)
+            assert result["top1_agreement"] >= result["tolerance"]["min_top1_agreement"]
+
+
+def test_export_model_card_states_the_manifests_figures(exported_model: Path, manifest: dict) -> None:
+    card = (exported_model / "MODEL_CARD.md").read_text()
+    for kind, accuracy in manifest["test_accuracy"].items():
+        if kind in manifest["artifacts"]:
+            assert f"| {kind} | `{manifest['artifacts'][kind]['file']}` |" in card and f"{100 * accuracy:.2f}%" in card
+    for name in manifest["class_names"]:
+        assert f"| {name} | {100 * manifest['per_class_test_accuracy']['onnx'][name]:.1f}%" in card
+    assert manifest["commands"]["export"] in card and manifest["commands"]["train"][0] in card
+    assert "1024x768" in card and "no 'none of the above'" in card
+    for picture in ("predictions.png", "confusion.png"):
+        assert (exported_model / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({picture})" in card

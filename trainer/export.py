@@ -1,13 +1,14 @@
-"""Export a checkpoint to ONNX, TorchScript and INT8 ONNX, behind parity gates.
+"""Export a checkpoint to ONNX, TorchScript and INT8 ONNX, behind parity gates, with a manifest and a model card.
 
     python -m trainer.export runs/my-run --out exported_models/my-model
 
-Every artifact takes the input contract of `bundle.contract` and is checked
-against the eager PyTorch model on real test images at several batch sizes
-before anything is written: fp32 artifacts must match the logits within
-rtol/atol and agree on every top-1 label; the INT8 model must stay within
-0.5 accuracy points of fp32. A failed gate exits non-zero and leaves no
-partial files (artifacts are built in a temporary folder and renamed at the end).
+Every artifact takes the input contract of `bundle.contract` and is checked against the eager PyTorch model
+on real test images at several batch sizes before anything is written: fp32 artifacts must match the logits
+within rtol/atol and agree on every top-1 label; the INT8 model must stay within 0.5 accuracy points of fp32.
+Each ONNX file is then run in OpenVINO and OpenCV DNN too (trainer/portability.py; recorded in the manifest,
+a gate with --strict-portability) and carries its class names and input contract in its own metadata. A
+failed gate exits non-zero and leaves no partial files (artifacts are built in a temporary folder and renamed
+at the end). The folder also gets MODEL_CARD.md and two pictures (trainer/model_card.py).
 """
 
 from __future__ import annotations
@@ -22,38 +23,28 @@ import shlex
 import shutil
 import sys
 import tempfile
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bundle.contract import CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH, INPUT_NAME, OUTPUT_NAME, input_contract
+from bundle.contract import IMAGE_HEIGHT, IMAGE_WIDTH, input_contract
 from bundle.environment import library_versions
 from bundle.manifest import artifact_entry, sha256_of, write_manifest
 from bundle.preprocess import pixels_to_input
+from bundle.runtime import FORMATS, Runner
 from trainer.checkpoint import ModelCheckpoint, load_model_checkpoint
 from trainer.data import load_dataset, split_validation
+from trainer.formats import OPSET, describe_onnx, export_int8, export_onnx, export_pt2, export_torchscript
+from trainer.model_card import write_model_card
 from trainer.models import MODELS, build_model, count_parameters
-from trainer.parity import (
-    ParityError,
-    check_parity,
-    exported_program_runner,
-    measure_accuracy,
-    onnx_runner,
-    reference_outputs,
-    torch_runner,
-    torchscript_runner,
-)
+from trainer.parity import ParityError, check_parity, reference_outputs, torch_runner
+from trainer.portability import check_portability
 from trainer.wrappers import MirrorAveraged, NormalizedModel
 
 log = logging.getLogger("trainer.export")
-# 20: GELU is one node (Gelu) instead of five (Div, Erf, Add, Mul, Mul), so ONNX Runtime runs one kernel and
-# INT8 quantisation leaves it whole: the bundled fast_resnet_256 re-exported at 20 ran INT8 11% faster per
-# image (0.357 vs 0.400 ms at batch 16, one thread), fp32 2-6% faster; INT8 test accuracy 90.00 vs 90.05% (README,
-# "Export": how it was measured).
-OPSET = 20
 FP32_RTOL, FP32_ATOL = 1e-3, 1e-4
 INT8_MAX_ACCURACY_DROP = 0.005
 PARITY_BATCH_SIZES = (1, 7, 64)
@@ -65,14 +56,23 @@ class ExportOptions:
 
     int8: bool = True
     pt2: bool = False
-    parity_images: int = 1000  # real test images for the fp32 parity gates
+    parity_images: int = 1000  # real test images for the fp32 parity gates and the portability checks
     calibration_images: int = 512  # training images for INT8 calibration
     eval_images: int = 0  # test images for the accuracy figures; 0: the whole test set
     name: str | None = None
     tta: str = "none"  # "mirror": average the logits of the image and its mirror inside the graph (2x compute)
+    strict_portability: bool = False  # a runtime that refuses or disagrees fails the export (exit 3)
 
 
-EXAMPLE_SHAPE = (2, CHANNELS, IMAGE_HEIGHT, IMAGE_WIDTH)  # batch >= 2: a batch of 1 would specialise the dimension
+@dataclass(frozen=True)
+class ExportData:
+    """The images the gates and figures use, in the contract's input form (float32 NCHW in [0, 1])."""
+
+    parity_x: np.ndarray  # the first test images of a seeded shuffle (every class present)
+    test_x: np.ndarray
+    test_y: np.ndarray
+    test_pixels: np.ndarray  # uint8 (N, H, W, 3) of test_x, for the model card's picture
+    calibration: np.ndarray  # training images for INT8
 
 
 def load_trained_model(checkpoint: str | Path) -> tuple[NormalizedModel, ModelCheckpoint, Path]:
@@ -101,87 +101,16 @@ def load_trained_model(checkpoint: str | Path) -> tuple[NormalizedModel, ModelCh
     return NormalizedModel(model, normalization["mean"], normalization["std"]).eval(), state, path
 
 
-# ------------------------------------------------------------------ writers
+# ------------------------------------------------------------------ formats
 
 
-def export_onnx(model: torch.nn.Module, path: Path, opset: int = OPSET) -> None:
-    """fp32 ONNX with a dynamic batch dimension, checked by onnx.checker (full check)."""
-    import onnx
-
-    model.eval()
-    example = torch.rand(*EXAMPLE_SHAPE)
-    batch = torch.export.Dim("batch", min=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=FutureWarning)
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            dynamo=True,
-            opset_version=opset,
-            external_data=False,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes={"image": {0: batch}},
-            verbose=False,
-        )
-    proto = onnx.load(str(path))
-    got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    if got != opset:  # asking for < 18 silently yields 18
-        raise RuntimeError(f"ONNX export produced opset {got}, expected {opset}")
-    onnx.checker.check_model(str(path), full_check=True)
-
-
-def export_torchscript(model: torch.nn.Module, path: Path) -> None:
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*TorchScript.*deprecated.*", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\..*deprecated.*", category=FutureWarning)
-        traced = torch.jit.trace(model, torch.rand(1, *EXAMPLE_SHAPE[1:]))
-        torch.jit.save(torch.jit.freeze(traced), str(path))
-
-
-def export_pt2(model: torch.nn.Module, path: Path) -> None:
-    program = torch.export.export(
-        model.eval(), (torch.rand(*EXAMPLE_SHAPE),), dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}}
-    )
-    torch.export.save(program, str(path))
-
-
-def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> None:
-    """Static QDQ INT8 (per-channel int8 weights, uint8 activations) calibrated on training images."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 64)))
-
-        def get_next(self) -> dict | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {INPUT_NAME: batch}
-
-    prepared = path.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-    # reduce_range: 7-bit weights. Without it, x86 CPUs lacking VNNI (AVX2-only) saturate in
-    # VPMADDUBSW: a ResNet-20 kept only 70% top-1 agreement with fp32 on this project's AVX2 machine
-    # (94% with reduce_range); see ONNX Runtime's quantization docs, "reduce_range".
-    quantize_static(
-        str(prepared),
-        str(path),
-        _Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        reduce_range=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-    prepared.unlink()
+def fp32_writers(options: ExportOptions) -> dict[str, Callable[[torch.nn.Module, Path], None]]:
+    """The formats written from the trained module, by kind: each is gated by parity with the eager model,
+    and bundle.runtime.FORMATS names its file and runs it. (INT8 is made from the fp32 ONNX file.)"""
+    writers = {"onnx": export_onnx, "torchscript": export_torchscript}
+    if options.pt2:
+        writers["torch_export"] = export_pt2
+    return writers
 
 
 # ------------------------------------------------------------------ orchestration
@@ -190,45 +119,24 @@ def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> None:
 def export_checkpoint(
     checkpoint: str | Path, out: Path, data: str | None, options: ExportOptions, force: bool, command: str
 ) -> dict:
-    """Export, gate and write the artifacts and manifest to `out` atomically; returns the manifest."""
+    """Export, gate and write the artifacts, model card and manifest to `out` atomically; returns the manifest."""
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"output folder {str(out)!r} exists; pass --force to replace it")
     model, state, checkpoint_path = load_trained_model(checkpoint)
     data_source = data or state.config["data"]
-    dataset = load_dataset(data_source)
-    if list(dataset.class_names) != state.class_names:
-        raise ValueError(f"data {data_source!r} has classes {dataset.class_names}, the checkpoint {state.class_names}")
-    # The test set is stored class by class: subsets are drawn at random so every class is in them.
     contract = input_contract(state.normalization["mean"], state.normalization["std"])
-    order = np.random.default_rng(0).permutation(len(dataset.test_labels))
-    test_x, test_y = pixels_to_input(dataset.test_images[order], contract), dataset.test_labels[order]
-    if options.eval_images:
-        test_x, test_y = test_x[: options.eval_images], test_y[: options.eval_images]
-    parity_x = test_x[: options.parity_images]
-    train_x, *_ = split_validation(dataset.train_images, dataset.train_labels, 0)
-    calibration = pixels_to_input(
-        train_x[np.random.default_rng(0).permutation(len(train_x))[: options.calibration_images]], contract
-    )
-
+    images = _export_data(data_source, state, contract, options)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the exported folder is meant to be shared and served
     try:
-        manifest = _build_artifacts(
-            model,
-            state,
-            staging,
-            parity_x,
-            test_x,
-            test_y,
-            calibration,
-            options,
-            checkpoint_path,
-            options.name or out.name,
-        )
+        manifest, logits = _build_bundle(model, state, staging, images, contract, options, options.name or out.name)
+        manifest["training"] = _training_record(state, checkpoint_path)
         manifest["commands"] = {"train": state.commands, "export": command}
-        manifest["data"] = {"source": str(data_source), "test_images": len(test_y)}
+        manifest["data"] = {"source": str(data_source), "test_images": len(images.test_y)}
+        write_manifest(staging, manifest)  # validated, so the model card below reads a valid manifest
+        manifest["documents"] = write_model_card(staging, manifest, images.test_pixels, images.test_y, logits)
         write_manifest(staging, manifest)
         _replace_folder(staging, out)
     except BaseException:
@@ -237,112 +145,180 @@ def export_checkpoint(
     return manifest
 
 
-def _build_artifacts(
+def _export_data(source: str, state: ModelCheckpoint, contract: dict, options: ExportOptions) -> ExportData:
+    dataset = load_dataset(source)
+    if list(dataset.class_names) != state.class_names:
+        raise ValueError(f"data {source!r} has classes {dataset.class_names}, the checkpoint {state.class_names}")
+    # The test set is stored class by class: subsets are drawn at random so every class is in them.
+    order = np.random.default_rng(0).permutation(len(dataset.test_labels))
+    if options.eval_images:
+        order = order[: options.eval_images]
+    pixels = dataset.test_images[order]
+    test_x = pixels_to_input(pixels, contract)
+    train_x, *_ = split_validation(dataset.train_images, dataset.train_labels, 0)
+    chosen = np.random.default_rng(0).permutation(len(train_x))[: options.calibration_images]
+    return ExportData(
+        parity_x=test_x[: options.parity_images],
+        test_x=test_x,
+        test_y=dataset.test_labels[order],
+        test_pixels=pixels,
+        calibration=pixels_to_input(train_x[chosen], contract),
+    )
+
+
+def _build_bundle(
     model: NormalizedModel,
     state: ModelCheckpoint,
     folder: Path,
-    parity_x: np.ndarray,
-    test_x: np.ndarray,
-    test_y: np.ndarray,
-    calibration: np.ndarray,
+    data: ExportData,
+    contract: dict,
     options: ExportOptions,
-    checkpoint_path: Path,
     name: str,
-) -> dict:
-    untouched = model
-    if options.tta == "mirror":
-        model = MirrorAveraged(model).eval()
-    reference = torch_runner(model)
-    artifacts: dict[str, Path] = {"onnx": folder / "model.onnx", "torchscript": folder / "model.ts"}
-    log.info("exporting ONNX (opset %d) and TorchScript", OPSET)
-    export_onnx(model, artifacts["onnx"])
-    export_torchscript(model, artifacts["torchscript"])
-    if options.pt2:
-        artifacts["torch_export"] = folder / "model.pt2"
-        export_pt2(model, artifacts["torch_export"])
-    runners = {
-        kind: torchscript_runner(p)
-        if kind == "torchscript"
-        else exported_program_runner(p)
-        if kind == "torch_export"
-        else onnx_runner(p)
-        for kind, p in artifacts.items()
-    }
-
-    parity = {}
-    expected = reference_outputs(reference, parity_x, PARITY_BATCH_SIZES)
-    for kind, runner in runners.items():
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """Write and gate every artifact in `folder`; returns the manifest's model, artifact and accuracy entries, and
+    each artifact's logits on the test images."""
+    served = MirrorAveraged(model).eval() if options.tta == "mirror" else model
+    metadata = _onnx_metadata(name, state, contract, options)
+    paths, parity, logits = {}, {}, {"torch_eager": _batched(torch_runner(served), data.test_x)}
+    if options.tta != "none":
+        logits["torch_eager_without_tta"] = _batched(torch_runner(model), data.test_x)
+    expected = reference_outputs(torch_runner(served), data.parity_x, PARITY_BATCH_SIZES)
+    for kind, write in fp32_writers(options).items():
+        paths[kind] = folder / FORMATS[kind].file
         log.info(
-            "parity gate: %s vs eager PyTorch on %d test images at batch sizes %s",
+            "exporting %s (%s); parity gate on %d test images at batch sizes %s",
             kind,
-            len(parity_x),
+            FORMATS[kind].description,
+            len(data.parity_x),
             PARITY_BATCH_SIZES,
         )
-        parity[kind] = check_parity(kind, expected, runner, parity_x, rtol=FP32_RTOL, atol=FP32_ATOL)
-
-    log.info("measuring test accuracy of every artifact on %d images", len(test_y))
-    accuracy = {"torch_eager": measure_accuracy(reference, test_x, test_y)}
-    if options.tta != "none":
-        accuracy["torch_eager_without_tta"] = measure_accuracy(torch_runner(untouched), test_x, test_y)
-    for kind, runner in runners.items():
-        accuracy[kind] = measure_accuracy(runner, test_x, test_y)
+        write(served, paths[kind])
+        if paths[kind].suffix == ".onnx":
+            describe_onnx(paths[kind], metadata)
+        runner = _load(kind, paths[kind])
+        parity[kind] = check_parity(kind, expected, runner, data.parity_x, rtol=FP32_RTOL, atol=FP32_ATOL)
+        logits[kind] = _batched(runner, data.test_x)
     if options.int8:
-        artifacts["onnx_int8"] = folder / "model.int8.onnx"
-        log.info("quantising to INT8 (static QDQ, %d calibration images from the training set)", len(calibration))
-        export_int8(artifacts["onnx"], artifacts["onnx_int8"], calibration)
-        int8_runner = onnx_runner(artifacts["onnx_int8"])
-        accuracy["onnx_int8"] = measure_accuracy(int8_runner, test_x, test_y)
-        fp32_top1 = np.concatenate([runners["onnx"](test_x[i : i + 256]) for i in range(0, len(test_x), 256)]).argmax(1)
-        int8_top1 = np.concatenate([int8_runner(test_x[i : i + 256]) for i in range(0, len(test_x), 256)]).argmax(1)
-        drop = accuracy["onnx"] - accuracy["onnx_int8"]
-        parity["onnx_int8"] = {
-            "accuracy_drop": drop,
-            "top1_agreement_with_fp32": float((fp32_top1 == int8_top1).mean()),
-            "max_accuracy_drop": INT8_MAX_ACCURACY_DROP,
-            "passed": drop <= INT8_MAX_ACCURACY_DROP,
-        }
-        if drop > INT8_MAX_ACCURACY_DROP:
-            raise ParityError(
-                f"onnx_int8: accuracy {100 * accuracy['onnx_int8']:.2f}% is {100 * drop:.2f} points below fp32 "
-                f"ONNX ({100 * accuracy['onnx']:.2f}%); the limit is {100 * INT8_MAX_ACCURACY_DROP:.1f}"
-            )
-
-    files = {kind: artifact_entry(path) for kind, path in artifacts.items()}
-    training_report = checkpoint_path.parent / "report.json"
-    return {
+        paths["onnx_int8"] = folder / FORMATS["onnx_int8"].file
+        log.info("quantising to INT8 (static QDQ, %d calibration images from the training set)", len(data.calibration))
+        export_int8(paths["onnx"], paths["onnx_int8"], data.calibration)
+        describe_onnx(paths["onnx_int8"], metadata)
+        logits["onnx_int8"] = _batched(_load("onnx_int8", paths["onnx_int8"]), data.test_x)
+        parity["onnx_int8"] = _int8_gate(logits, data.test_y)
+    accuracy = {kind: float((values.argmax(1) == data.test_y).mean()) for kind, values in logits.items()}
+    log.info(
+        "test accuracy on %d images, every artifact measured here in fp32 (a training report measures at the "
+        "training precision, e.g. bf16): %s",
+        len(data.test_y),
+        ", ".join(f"{kind} {100 * value:.2f}%" for kind, value in accuracy.items()),
+    )
+    manifest = {
         "name": name,
         "architecture": state.model_name,
-        "parameters": count_parameters(untouched.model),
+        "parameters": count_parameters(model.model),
         "tta": options.tta,
         "class_names": state.class_names,
-        "input": input_contract(state.normalization["mean"], state.normalization["std"]),
-        "artifacts": files,
+        "input": contract,
+        "artifacts": {kind: artifact_entry(path) for kind, path in paths.items()},
         "test_accuracy": accuracy,
-        "test_accuracy_note": "top-1 on the test set named in data, re-measured for every artifact at export; "
-        "with the manifest's tta inside the graph (torch_eager_without_tta: the plain model)",
+        "test_accuracy_note": "top-1 on the test set named in data, re-measured in fp32 for every artifact at "
+        "export; with the manifest's tta inside the graph (torch_eager_without_tta: the plain model)",
+        "per_class_test_accuracy": {kind: _per_class(logits[kind], data.test_y, state.class_names) for kind in paths},
         "parity": parity,
+        "portability": _portability(paths, data.parity_x, options),
         "opset": OPSET,
         # torch.__version__ keeps the build's tag (e.g. +cu130), which the package metadata drops
         "versions": {**library_versions(("onnx", "onnxscript", "onnxruntime", "numpy")), "torch": torch.__version__},
-        "training": {
-            "config": state.config,
-            "steps": state.step,
-            "checkpoint_file": checkpoint_path.name,
-            "checkpoint_sha256": sha256_of(checkpoint_path),
-            "report": _training_summary(training_report),
-        },
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    return manifest, logits
+
+
+def _load(kind: str, path: Path) -> Runner:
+    return FORMATS[kind].load(path, torch.get_num_threads())
+
+
+def _batched(runner: Runner, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    return np.concatenate([runner(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def _per_class(logits: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict[str, float]:
+    predicted = logits.argmax(1)
+    return {
+        name: float((predicted[labels == i] == i).mean()) for i, name in enumerate(class_names) if (labels == i).any()
     }
 
 
-def _training_summary(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    report = json.loads(path.read_text())
-    return {k: report.get(k) for k in ("timing", "train_images_per_s", "environment")} | {
-        "test_accuracy": report["test"]["accuracy"],
-        "test_accuracy_tta": report["test_tta"]["accuracy"],
-        "tta_level": report["test_tta"]["level"],
+def _int8_gate(logits: dict[str, np.ndarray], labels: np.ndarray) -> dict:
+    """INT8 within INT8_MAX_ACCURACY_DROP of fp32 ONNX, else ParityError."""
+    fp32, int8 = (float((logits[k].argmax(1) == labels).mean()) for k in ("onnx", "onnx_int8"))
+    drop = fp32 - int8
+    if drop > INT8_MAX_ACCURACY_DROP:
+        raise ParityError(
+            f"onnx_int8: accuracy {100 * int8:.2f}% is {100 * drop:.2f} points below fp32 ONNX ({100 * fp32:.2f}%); "
+            f"the limit is {100 * INT8_MAX_ACCURACY_DROP:.1f}"
+        )
+    return {
+        "accuracy_drop": drop,
+        "top1_agreement_with_fp32": float((logits["onnx"].argmax(1) == logits["onnx_int8"].argmax(1)).mean()),
+        "max_accuracy_drop": INT8_MAX_ACCURACY_DROP,
+        "passed": True,
+    }
+
+
+def _portability(paths: dict[str, Path], images: np.ndarray, options: ExportOptions) -> dict:
+    """Each ONNX file in the other runtimes, against ONNX Runtime on the parity images (trainer/portability.py)."""
+    results = {}
+    for kind, path in paths.items():
+        if path.suffix != ".onnx":
+            continue
+        reference = _batched(_load(kind, path), images)
+        results[kind] = check_portability(path, images, reference, "int8" if kind == "onnx_int8" else "fp32")
+        for runtime, result in results[kind].items():
+            if result["status"] == "passed":
+                continue
+            detail = (
+                result.get("error")
+                or result.get("why")
+                or f"top-1 agreement {result['top1_agreement']:.4f}, max |diff| {result['max_abs_logit_diff']:.3g}"
+            )
+            log.warning("portability: %s in %s: %s (%s)", kind, runtime, result["status"], detail)
+            if options.strict_portability and result["status"] in ("failed", "refused"):
+                raise ParityError(f"{kind}: {runtime} {result['status']} it ({detail}); --strict-portability")
+    return results
+
+
+def _onnx_metadata(name: str, state: ModelCheckpoint, contract: dict, options: ExportOptions) -> dict[str, str]:
+    """What each ONNX file says about itself, from the facts the manifest records."""
+    return {
+        "name": name,
+        "architecture": state.model_name,
+        "class_names": json.dumps(state.class_names),
+        "input_contract": json.dumps(contract),
+        "tta": options.tta,
+        "description": f"{len(state.class_names)}-class image classifier; input {contract['dtype']} "
+        f"{contract['layout']} {contract['color_order']} {IMAGE_HEIGHT}x{IMAGE_WIDTH} in [0, 1] (pixel / "
+        f"{contract['pixel_divisor']:g}), normalisation inside; output {contract['output']}",
+    }
+
+
+def _training_record(state: ModelCheckpoint, checkpoint_path: Path) -> dict:
+    report_path = checkpoint_path.parent / "report.json"
+    summary = None
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+        summary = {k: report.get(k) for k in ("timing", "train_images_per_s", "environment", "evaluated_at")} | {
+            "test_accuracy": report["test"]["accuracy"],
+            "test_accuracy_tta": report["test_tta"]["accuracy"],
+            "tta_level": report["test_tta"]["level"],
+            "per_class_test_accuracy": report["test"].get("per_class_accuracy"),
+        }
+    return {
+        "config": state.config,
+        "steps": state.step,
+        "checkpoint_file": checkpoint_path.name,
+        "checkpoint_sha256": sha256_of(checkpoint_path),
+        "report": summary,
     }
 
 
@@ -361,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.export",
         description="Export a trained model to ONNX (fp32 and INT8) and TorchScript with parity gates, plus "
-        "manifest.json. Nothing is written unless every gate passes. Exit status: 0 written, 2 bad input, "
-        "3 a parity gate failed.",
+        "manifest.json and a model card. Nothing is written unless every gate passes. Exit status: 0 written, "
+        "2 bad input, 3 a gate failed.",
     )
     parser.add_argument(
         "checkpoint", help="a run folder (its checkpoint.pt, else model.pt), a checkpoint.pt or a weights-only model.pt"
@@ -381,8 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="'mirror' averages the logits of each image and its mirror inside every artifact: more accurate, "
         f"2x the compute (default: {defaults.tta})",
     )
+    parser.add_argument(
+        "--strict-portability",
+        action="store_true",
+        help="fail (exit 3) when OpenVINO or OpenCV refuses an ONNX file or disagrees with ONNX Runtime beyond "
+        "the tolerance (default: record it in the manifest and warn)",
+    )
     for name, what in (
-        ("parity_images", "real test images for the parity gates"),
+        ("parity_images", "real test images for the parity gates and portability checks"),
         ("calibration_images", "training images for INT8 calibration"),
         ("eval_images", "test images for the accuracy figures, 0 = all"),
     ):
@@ -394,12 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("trainer").setLevel(logging.INFO)
-    if args.parity_images < 1 or args.calibration_images < 1 or args.eval_images < 0:
-        log.error("error: --parity-images and --calibration-images must be >= 1, --eval-images >= 0")
-        return 2
+    for flag, value, low in (
+        ("--parity-images", args.parity_images, 1),
+        ("--calibration-images", args.calibration_images, 1),
+        ("--eval-images", args.eval_images, 0),
+    ):
+        if value < low:
+            log.error("error: %s must be at least %d, got %d", flag, low, value)
+            return 2
     options = ExportOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExportOptions)})
     command = shlex.join(["python", "-m", "trainer.export", *(sys.argv[1:] if argv is None else argv)])
     try:

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from bundle.runtime import Runner, onnx_runner, torchscript_runner
+from bundle.runtime import Runner
 
-__all__ = [
-    "check_parity",
-    "exported_program_runner",
-    "measure_accuracy",
-    "onnx_runner",
-    "reference_outputs",
-    "torch_runner",
-    "torchscript_runner",
-]
+__all__ = ["ParityError", "check_parity", "measure_accuracy", "reference_outputs", "torch_runner"]
 
 
 class ParityError(RuntimeError):
@@ -35,11 +25,6 @@ def _module_runner(module: torch.nn.Module) -> Runner:
 def torch_runner(module: torch.nn.Module) -> Runner:
     module.eval()
     return _module_runner(module)
-
-
-def exported_program_runner(path: Path) -> Runner:
-    """A torch.export program (.pt2). It was exported in eval mode, and its module refuses .eval()."""
-    return _module_runner(torch.export.load(str(path)).module())
 
 
 def _batched(runner: Runner, images: np.ndarray, batch_size: int) -> np.ndarray:
