@@ -1,4 +1,4 @@
-"""The airbench94 peer, run beside the project's trainer (benchmarks.gpu_run, step 3): its data, its run count, its output.
+"""The airbench94 peer, run beside the project's trainer (benchmarks.gpu_run, step versus): its data, runs, output.
 
 The peer (Keller Jordan's airbench94.py, ../shared/peers/airbench/, MIT) is never copied into the repository
 or imported: it runs as its own program, from a patched copy in a scratch folder. This module
@@ -7,11 +7,13 @@ or imported: it runs as its own program, from a patched copy in a scratch folder
   uint8 N x 32 x 32 x 3 HWC RGB, `labels` int64, `classes`), from the same JPEG copy the trainer reads, with the
   project's own loader. The training images are shuffled with a fixed seed first: the peer computes its
   whitening filters from the first 5,000, and the class-folder copy decodes in class order;
-- patches a copy of the script: its run count (`for run in range(25)`), and its own warm-up run
-  (`#main('warmup')`, commented out upstream) switched on, so that its first timed run does not carry cuDNN's
-  algorithm search and kernel loading (the project's train_s excludes its warm-up too);
+- patches a copy of the script: its run count (`for run in range(25)`; gpu_run starts one process of one
+  run per round), and its own warm-up run (`#main('warmup')`, commented out upstream) switched on, so that its
+  timed run does not carry cuDNN's algorithm search and kernel loading (the project's train_s excludes its
+  warm-up too);
 - parses its per-run table (`total_time_seconds` at the last epoch row: training, whitening set-up included,
-  evaluation excluded; at the `eval` row: plus its TTA evaluation) and its final `Mean: ... Std: ...` line.
+  evaluation excluded; at the `eval` row: plus its TTA evaluation) and its final `Mean: ... Std: ...` line;
+- writes a stand-in for dry runs on a CPU (airbench94 needs CUDA): no training, one run in the table's format.
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ from __future__ import annotations
 import py_compile
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.data import Dataset
 
 RUN_LOOP = re.compile(r"for run in range\((\d+)\)")
 WARMUP_CALL = re.compile(r"^(\s*)#\s*main\('warmup'\)", re.MULTILINE)
 MEAN_LINE = re.compile(r"Mean:\s*([-+0-9.eE]+|nan)\s+Std:\s*([-+0-9.eE]+|nan)")
 TIME_COLUMN = "total_time_seconds"
+STAND_IN_NAME = "airbench94_stand_in.py"
 
 
 def patch_source(source: str, runs: int, warmup: bool = True) -> tuple[str, list[str]]:
@@ -53,15 +60,12 @@ def write_patched_script(peer: Path, work: Path, runs: int, warmup: bool = True)
     return {"script": str(script), "changes": changes}
 
 
-def write_data(data: str, cache_dir: str | None, work: Path, seed: int = 0, limit: int = 0) -> dict:
-    """Write `work/cifar10/{train,test}.pt` from `data` (decoded by trainer.data, cached); `limit` > 0 keeps that
-    many images of each split (dry runs). Returns the files and their image counts."""
+def write_data(dataset: Dataset, work: Path, seed: int = 0, limit: int = 0) -> dict:
+    """Write `work/cifar10/{train,test}.pt` from a decoded trainer.data.Dataset; `limit` > 0 keeps that many
+    images of each split (dry runs). Returns the files and their image counts."""
     import numpy as np
     import torch
 
-    from trainer.data import load_dataset
-
-    dataset = load_dataset(data, Path(cache_dir) if cache_dir else None)
     order = np.random.default_rng(seed).permutation(len(dataset.train_images))
     splits = {
         "train": (dataset.train_images[order], dataset.train_labels[order]),
@@ -84,6 +88,34 @@ def write_data(data: str, cache_dir: str | None, work: Path, seed: int = 0, limi
         )
         written[split] = {"file": str(path), "images": len(images)}
     return {"source": dataset.source, "shuffle_seed": seed, **written}
+
+
+STAND_IN = """\"\"\"airbench94's stand-in for dry runs on a CPU (written by benchmarks.airbench_peer): no training,
+one run in its table's format at chance accuracy; with --stall it hangs after its first row.\"\"\"
+import sys
+import time
+
+COLUMNS = ["run   ", "epoch", "train_loss", "train_acc", "val_acc", "tta_val_acc", "total_time_seconds"]
+
+
+def row(cells):
+    print("".join("|  %s  " % cell.rjust(len(col)) for cell, col in zip(cells, COLUMNS)) + "|", flush=True)
+
+
+row(COLUMNS)
+row(["0", "0", "2.3026", "0.1000", "0.1000", "", "0.0100"])
+if "--stall" in sys.argv:
+    time.sleep(3600)
+row(["", "1", "2.3026", "0.1000", "0.1000", "", "0.0200"])
+row(["", "eval", "2.3026", "0.1000", "0.1000", "0.1000", "0.0300"])
+"""
+
+
+def write_stand_in(work: Path) -> Path:
+    """airbench94's CPU stand-in (STAND_IN) in `work`: what a dry run runs in its place, CUDA being absent."""
+    script = work / STAND_IN_NAME
+    script.write_text(STAND_IN)
+    return script
 
 
 def _cells(line: str) -> list[str]:

@@ -5,8 +5,10 @@
 #
 #   benchmarks/gpu_prepare.sh [SHARED_DIR]        # default SHARED_DIR: ../shared beside the repository
 #
-# Then, on the GPU machine (device tool: carry [".data"]), from the repository root:
+# Then print the plan (which steps and seeds fit the budget; runs nothing), and on the GPU machine (device tool:
+# carry [".data"], timeout_s 600), from the repository root, run it:
 #
+#   python -m benchmarks.gpu_run --plan
 #   PYTHONUNBUFFERED=1 PYTHONPATH=. python3 -m benchmarks.gpu_run --out "$OUT"
 #
 # .data/ receives cifar10-jpeg.tar.gz (19.4 MB), peers/airbench94.py with its LICENSE, and revision.txt (the

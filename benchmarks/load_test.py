@@ -1,25 +1,34 @@
-"""HTTP load benchmark: the classification service side by side with a hand-written FastAPI peer.
+"""HTTP load benchmark: the classification service side by side with what a user would pick instead.
 
-Starts `bentoml serve serving.service:Classifier` and the peer (benchmarks/peer_fastapi.py: FastAPI + ONNX
-Runtime, one image per forward pass, `uvicorn --workers N`) side by side, with the same model file (`--backend`)
-and the same workers x threads, and drives both with the same closed-loop load of real CIFAR-10 test JPEGs
-from the shared archive (multipart, field `images`): at each concurrency level (default 1, 8, 32, 128) that
-many simulated users send one request after another for `--duration` seconds, after `--warmup` seconds that
-are not counted. Levels are run server after server, round after round (`--rounds`), so a machine whose speed
-drifts cannot favour either side; each figure is the median over the rounds. It reports requests/s, images/s,
-p50/p95/p99 latency of the answered (200) requests, errors by status code, the requests per model batch
-(service, from /metrics), and the service/peer ratios per level. Before any server
-runs it measures the model alone in this process (`--ort-threads` threads, several batch sizes): the bound.
+Starts the service (`bentoml serve`) and its peers (`--peers`, default all three; benchmarks/served.py starts
+each peer from its row in PEERS):
+  fastapi   the server a user would write in twenty lines (benchmarks/peer_fastapi.py: FastAPI + ONNX Runtime,
+            one image per forward pass, `uvicorn --workers N`);
+  bentoml   BentoML as its examples write a service (benchmarks/peer_bentoml.py: `@bentoml.service`, one
+            batchable API taking `list[PIL.Image]`, adaptive batching with the service's limits);
+  litserve  LitServe as its docs write a server (benchmarks/peer_litserve.py: a LitAPI with batching, 2
+            inference workers, ZeroMQ queue);
+all with the same model file (`--backend`), the same workers x ONNX Runtime threads, the same input contract and
+answer shape, and drives them with the same closed-loop load of real CIFAR-10 test JPEGs from the shared archive
+(multipart, field `images`): at each concurrency level (default 1, 8, 32, 128) that many simulated users send one
+request after another for `--duration` seconds, after `--warmup` seconds that are not counted. Levels are run
+server after server, round after round (`--rounds`), so a machine whose speed drifts cannot favour any of them;
+each figure is the median over the rounds. It reports the machine (CPU model, cores, load), each server's library
+versions, requests/s, images/s, p50/p95/p99 latency of the answered (200) requests, errors by status code, the
+requests per model batch (service, from /metrics), and the ratios service/peer of requests/s and of p99 for every
+peer at every level. Before any server runs it measures the model alone in this process (`--ort-threads`
+threads, several batch sizes): the bound.
 `--raw-body` also measures the service's single-image raw-body form of POST /classify; `--compare-workers`
 serves 1 worker x 2 threads and 2 workers x 1 thread. Results (config and machine included) go to
 benchmarks/results/load_test.json, a plot to load_test.png.
 
 Load generation: locust as a library (headless, FastHttpUser on gevent): a well-kept generator that costs little
 CPU per request, which matters when the client shares 2 cores with the server; latencies are recorded exactly
-from its request events. Needs the bench extra: `pip install -e ".[bench]"`.
+from its request events. Needs the bench extra: `pip install -e ".[bench]"` (and litserve for its peer: a peer
+whose library is not installed is left out, with a warning, unless `--peers` names it).
 
-    python -m benchmarks.load_test                      # service and peer, ~20 s per level
-    python -m benchmarks.load_test --raw-body --backend onnx_int8
+    python -m benchmarks.load_test                      # the service and the three peers, ~13 s per level each
+    python -m benchmarks.load_test --peers fastapi --raw-body --backend onnx_int8
     python -m benchmarks.load_test --url http://127.0.0.1:3000 --no-peer --duration 5
 """
 
@@ -47,20 +56,22 @@ import matplotlib.pyplot as plt
 import numpy as np
 from locust import FastHttpUser, constant, task
 from locust.env import Environment
+from matplotlib.ticker import NullLocator
 from prometheus_client.parser import text_string_to_metric_families
 from urllib3 import encode_multipart_formdata
 
-from benchmarks.served import ServedClassifier, ServedPeer, serve_arguments
-from bundle.class_tree import first_per_class
-from bundle.environment import machine_info
+from benchmarks.served import PEERS, ServedPeer
+from bundle.class_tree import data_source, first_per_class
+from bundle.environment import library_versions, machine_info
 from bundle.manifest import default_model_dir, load_model_dir
 from bundle.preprocess import decode_image, pixels_to_input
 from bundle.runtime import load_backend
 from serving.settings import ServiceSettings
+from serving.testing import ServedClassifier, serve_arguments
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-ARCHIVE = Path(os.environ.get("CIFAR10_JPEG", REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"))
+ARCHIVE = data_source()
 SHOWN_SETTINGS = ("workers", "threads", "max_batch_size", "max_latency_ms", "max_concurrency", "timeout_s")
 log = logging.getLogger("load_test")
 
@@ -69,7 +80,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="target a running service instead of starting one (default: start one)")
     parser.add_argument(
-        "--peer", action=argparse.BooleanOptionalAction, default=True, help="also run the FastAPI peer (default: yes)"
+        "--peer", action=argparse.BooleanOptionalAction, default=True, help="also run the peers (default: yes)"
+    )
+    parser.add_argument(
+        "--peers",
+        nargs="+",
+        choices=tuple(PEERS),
+        help=f"which peers to run (default: those of {' '.join(PEERS)} whose library is installed)",
+    )
+    parser.add_argument(
+        "--litserve-batch-timeout-ms",
+        type=float,
+        default=5.0,
+        help="LitServe's batch_timeout: how long its workers wait for a batch to fill (default: 5)",
     )
     parser.add_argument(
         "--raw-body", action="store_true", help="also send the service each image as a raw image/jpeg body"
@@ -128,6 +151,22 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 LIBRARIES = ("bentoml", "onnxruntime", "numpy", "Pillow", "locust", "starlette", "uvicorn", "uvloop", "httptools")
+SERVICE_LIBRARIES = ("bentoml", "starlette", "uvicorn", "onnxruntime")  # the service's own server stack
+
+
+def select_peers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """The peers to run: none with --no-peer, else those --peers names (each must be installed), else every
+    peer whose server library is installed (a warning for each left out). None either with --url."""
+    if not args.peer or args.url:
+        return []
+    missing = [name for name, peer in PEERS.items() if library_versions(peer.libraries[:1])[peer.libraries[0]] is None]
+    if args.peers:
+        if wanted := [name for name in args.peers if name in missing]:
+            parser.error(f"--peers {' '.join(wanted)}: not installed; pip install {' '.join(wanted)}")
+        return list(dict.fromkeys(args.peers))
+    for name in missing:
+        log.warning("%s is not installed: its peer is left out (pip install %s)", name, PEERS[name].libraries[0])
+    return [name for name in PEERS if name not in missing]
 
 
 def read_images(archive: Path, count: int) -> list[tuple[str, bytes]]:
@@ -253,29 +292,33 @@ def print_level(level: dict, images_per_request: int, bound: float, label: str =
     images_per_s = level["ok_requests_per_s"] * images_per_request
     batch = f"{level['requests_per_batch']:9.1f}" if level["requests_per_batch"] else "        -"
     print(
-        f"  {label:<36} {level['concurrency']:>5} {level['requests_per_s']:9.1f} {images_per_s:9.1f} "
+        f"  {label:<40} {level['concurrency']:>5} {level['requests_per_s']:9.1f} {images_per_s:9.1f} "
         f"{100 * images_per_s / bound:6.1f}% "
         f"{level['p50_ms']:8.1f} {level['p95_ms']:8.1f} {level['p99_ms']:8.1f}  {batch}  {level['errors'] or '-'}"
     )
 
 
 def plot(result: dict, path: Path) -> None:
-    """Images/s and latency percentiles against concurrency, one line per server, with the in-process bound."""
+    """Images/s and latency percentiles against concurrency, one colour per server (p50 solid, p99 dotted), with
+    the in-process bound."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     n = result["config"]["images_per_request"]
+    levels = result["config"]["levels"]
     for run in result["runs"]:
-        levels = [level["concurrency"] for level in run["levels"]]
         (line,) = left.plot(
             levels, [level["ok_requests_per_s"] * n for level in run["levels"]], "o-", label=run["label"]
         )
         for key, style in (("p50_ms", "o-"), ("p99_ms", "^:")):
-            values = [level[key] for level in run["levels"]]
-            right.plot(levels, values, style, color=line.get_color(), label=f"{run['label']} {key[:3]}")
+            right.plot(levels, [level[key] for level in run["levels"]], style, color=line.get_color())
     bound = result["onnxruntime"]["best_images_per_s"]
     left.axhline(bound, color="gray", linestyle="--", label=f"model alone, in process ({bound:.0f}/s)")
     left.set(xscale="log", xlabel="concurrent clients", ylabel="images/s answered (200)", title="Throughput")
     right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency (ms)", title="Latency of 200s")
+    right.plot([], [], "ko-", label="p50")
+    right.plot([], [], "k^:", label="p99")
     for axis in (left, right):
+        axis.set_xticks(levels, [str(level) for level in levels])
+        axis.xaxis.set_minor_locator(NullLocator())
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
     env = result["environment"]
@@ -295,16 +338,23 @@ def multipart_bodies(images: list[tuple[str, bytes]], per_request: int) -> list[
 
 
 def targets(args: argparse.Namespace, model_dir: Path) -> list[dict]:
-    """The servers to measure, in order: label, kind (service | peer | external), settings, request form."""
+    """The servers to measure, in order: label, kind (service | peer | external), settings (the same for the
+    service and its peers: compare() pairs them by it), request form; for peers, which one and its batching."""
     if args.url:
         return [{"label": "external", "kind": "external", "settings": None, "raw": False}]
     base = {"model": str(model_dir.resolve()), "backend": args.backend}
     base |= {k: v for k, v in (("max_batch_size", args.max_batch_size), ("max_latency_ms", args.max_latency_ms)) if v}
+    defaults = ServiceSettings(**base)  # what the server resolves (usable cores, CLASSIFIER_* included)
     if args.compare_workers:
         shapes = [(1, 2), (2, 1)]
     else:
-        defaults = ServiceSettings(**base)  # what the server resolves (usable cores, CLASSIFIER_* included)
         shapes = [(args.workers or defaults.workers, args.threads or defaults.threads)]
+    # The batching peers get the service's limits; LitServe waits a fixed time for a batch instead of a budget.
+    batching = {
+        "fastapi": {},
+        "bentoml": {"max_batch_size": defaults.max_batch_size, "max_latency_ms": defaults.max_latency_ms},
+        "litserve": {"max_batch_size": defaults.max_batch_size, "batch_timeout_ms": args.litserve_batch_timeout_ms},
+    }
     found = []
     for workers, threads in shapes:
         shape = f"{workers} worker{'s' * (workers > 1)} x {threads} thread{'s' * (threads > 1)}"
@@ -312,8 +362,10 @@ def targets(args: argparse.Namespace, model_dir: Path) -> list[dict]:
         found.append({"label": f"service, {shape}", "kind": "service", "settings": settings, "raw": False})
         if args.raw_body:
             found.append({"label": f"service raw body, {shape}", "kind": "service", "settings": settings, "raw": True})
-        if args.peer:
-            found.append({"label": f"FastAPI peer, {shape}", "kind": "peer", "settings": settings, "raw": False})
+        for name in args.peers:
+            label = f"{PEERS[name].label}, {shape}"
+            peer = {"peer": name, "peer_settings": batching[name]}
+            found.append({"label": label, "kind": "peer", "settings": settings, "raw": False, **peer})
     return found
 
 
@@ -329,6 +381,8 @@ def start_server(target: dict, home: Path) -> ServedClassifier | ServedPeer | No
             threads=settings["threads"],
             log_path=home / "server.log",
             backend=settings["backend"],
+            name=target["peer"],
+            **target["peer_settings"],
         )
     else:
         return None
@@ -357,7 +411,7 @@ def benchmark(args: argparse.Namespace, found: list[dict], images: list, bound: 
         measured: list[dict[int, list[dict]]] = [{level: [] for level in args.levels} for _ in found]
         for round_index in range(args.rounds):
             print(f"\nround {round_index + 1} of {args.rounds}")
-            print(f"  {'server':<36} {'conc':>5} {'req/s':>9} {'img/s':>9} {'bound':>7} {'p50 ms':>8} {'p95 ms':>8} "
+            print(f"  {'server':<40} {'conc':>5} {'req/s':>9} {'img/s':>9} {'bound':>7} {'p50 ms':>8} {'p95 ms':>8} "
                   f"{'p99 ms':>8} req/batch  errors")  # fmt: skip
             for concurrency in args.levels:
                 for i, target in enumerate(found):
@@ -398,18 +452,21 @@ def median_level(rounds: list[dict]) -> dict:
 
 
 def compare(runs: list[dict]) -> list[dict]:
-    """Per workers x threads and level: each service run's req/s and p99 against the peer's."""
+    """Per workers x threads, peer and level: each service run's req/s and p99 against the peer's (ratios
+    service / peer: above 1 in requests/s and below 1 in p99 favour the service)."""
     rows = []
-    for peer in (run for run in runs if run["kind"] == "peer"):
-        for service in (r for r in runs if r["kind"] == "service" and r["settings"] == peer["settings"]):
+    for service in (run for run in runs if run["kind"] == "service"):
+        for peer in (r for r in runs if r["kind"] == "peer" and r["settings"] == service["settings"]):
             for ours, theirs in zip(service["levels"], peer["levels"], strict=True):
                 ratio = ours["ok_requests_per_s"] / theirs["ok_requests_per_s"] if theirs["ok_requests_per_s"] else None
                 rows.append(
                     {
                         "service": service["label"],
                         "peer": peer["label"],
+                        "peer_name": peer["peer"],
                         "concurrency": ours["concurrency"],
                         "requests_per_s_ratio": ratio,
+                        "p99_ratio": ours["p99_ms"] / theirs["p99_ms"] if theirs["p99_ms"] > 0 else None,
                         "p99_ms": (ours["p99_ms"], theirs["p99_ms"]),
                         "errors": (ours["errors"], theirs["errors"]),
                     }
@@ -417,10 +474,26 @@ def compare(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def print_ratios(comparison: list[dict]) -> None:
+    """One line per (service, peer) pair: requests/s and p99 ratios at every level."""
+    if not comparison:
+        return
+    print("\nservice / peer, at each concurrency: requests/s ratio (p99 ratio)")
+    pairs: dict[tuple[str, str], list[str]] = {}
+    for row in comparison:
+        ratio, p99 = row["requests_per_s_ratio"], row["p99_ratio"]
+        shown = f"c={row['concurrency']} {f'{ratio:.2f}x' if ratio else '-'} ({f'{p99:.2f}x' if p99 else '-'})"
+        pairs.setdefault((row["service"], PEERS[row["peer_name"]].label), []).append(shown)
+    for (service, peer), cells in pairs.items():
+        print(f"  {service} / {peer}: " + "  ".join(cells))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("locust").setLevel(logging.WARNING)  # not "Ramping to ..." at every level
+    args.peers = select_peers(args, parser)
     model = load_model_dir(args.model or default_model_dir())
     images = read_images(Path(args.data), 200)
     ClassifyUser.network_timeout = args.timeout
@@ -430,6 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {env['load_average_1m']:.2f}"
     )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    found = targets(args, model.folder)
+    for target in found:
+        libraries = PEERS[target["peer"]].libraries if target["kind"] == "peer" else SERVICE_LIBRARIES
+        target["versions"] = {k: v for k, v in library_versions(libraries).items() if k != "python"}
+        if target["kind"] != "external":
+            print(f"  {target['label']}: " + ", ".join(f"{k} {v}" for k, v in target["versions"].items()))
     print(
         f"model: {model.name} ({model.manifest.get('architecture')}, backend {args.backend}), {len(images)} test "
         f"images, {args.images_per_request} per request, {args.duration:g} s per level after {args.warmup:g} s warm-up"
@@ -441,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         f"upper bound, the model in process ({bound['threads']} threads): {best_bound:.0f} images/s "
         f"at batch {bound['best_batch']}"
     )
-    runs = benchmark(args, targets(args, model.folder), images, best_bound)
+    runs = benchmark(args, found, images, best_bound)
     comparison = compare(runs)
     print()
     for run in runs:
@@ -449,12 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{run['label']}: best {run['best_images_per_s']:.0f} images/s over HTTP = "
             f"{100 * run['fraction_of_bound']:.0f}% of the in-process bound ({best_bound:.0f}/s)"
         )
-    for row in comparison:
-        ratio = row["requests_per_s_ratio"]
-        print(
-            f"{row['service']} / {row['peer']} at concurrency {row['concurrency']}: "
-            f"{f'{ratio:.2f}x' if ratio else '-'} requests/s, p99 {row['p99_ms'][0]:.0f} vs {row['p99_ms'][1]:.0f} ms"
-        )
+    print_ratios(comparison)
 
     result = {
         "config": {**vars(args), "images": len(images)},

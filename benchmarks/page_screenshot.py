@@ -18,15 +18,15 @@ from PIL import Image
 from selenium.webdriver.common.by import By
 
 from benchmarks.browser import start_chromium
-from benchmarks.served import ServedClassifier
-from bundle.class_tree import first_per_class
+from bundle.class_tree import data_source, first_per_class
+from serving.testing import ServedClassifier
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"))
+    parser.add_argument("--data", default=str(data_source()))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "page.png"))
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="page-"))

@@ -1,142 +1,89 @@
-"""HTTP servers as managed subprocesses, for the tests and the load benchmark.
+"""The load benchmark's peers as managed subprocesses (serving/testing.py starts the service itself).
 
-`ServedClassifier` starts `bentoml serve serving.service:Classifier` on a free
-loopback port in a new session: BentoML's arbiter (circus) then starts the
-service's workers as processes of their own, each in its own session too, so
-stopping ends the arbiter's group and then any worker still alive.
-`ServedPeer` starts the hand-written FastAPI peer (benchmarks/peer_fastapi.py)
-under `uvicorn --workers N` the same way.
+`ServedPeer` starts one of the peers the load benchmark compares the service
+with, each from its row in `PEERS` (command, environment, readiness path):
+the hand-written FastAPI peer (benchmarks/peer_fastapi.py, `uvicorn --workers
+N`), BentoML as its examples write a service (benchmarks/peer_bentoml.py,
+`bentoml serve`, its own BENTOML_HOME) and LitServe (benchmarks/peer_litserve.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
-import psutil
-
-REPO = Path(__file__).resolve().parent.parent
-SERVICE = "serving.service:Classifier"
-Served = TypeVar("Served", bound="ServedProcess")
+from serving.testing import ServedProcess, free_port
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@dataclass(frozen=True)
+class Peer:
+    """How to start one peer: the arguments after `python` ({port} and {workers} filled in), readiness path,
+    the libraries whose versions the benchmark reports for it, and whether it needs a BENTOML_HOME."""
+
+    label: str
+    command: str
+    ready_path: str
+    libraries: tuple[str, ...]
+    bentoml_home: bool = False
 
 
-def serve_arguments(settings: dict[str, object]) -> list[str]:
-    """`--arg name=value` for each service setting."""
-    return [item for name, value in settings.items() for item in ("--arg", f"{name}={value}")]
-
-
-class ServedProcess:
-    """A server subprocess in its own session, ready when GET `ready_path` answers 200; a context manager
-    that always ends it and every process it started on exit."""
-
-    ready_path = "/readyz"
-
-    def __init__(self, command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self.command = command
-        self.env = {**os.environ, **(env or {})}
-        self.process: subprocess.Popen | None = None
-
-    def start(self: Served) -> Served:
-        """Start the process group (not waiting for readiness)."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                self.command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        return self
-
-    def log(self, tail: int = 6000) -> str:
-        """The last `tail` characters of the server's combined stdout/stderr."""
-        return self.log_path.read_text(errors="replace")[-tail:] if self.log_path.exists() else ""
-
-    def readyz(self) -> int | None:
-        """Status code of GET `ready_path`, or None when nothing answers yet."""
-        try:
-            with urllib.request.urlopen(f"{self.url}{self.ready_path}", timeout=5) as response:
-                return response.status
-        except urllib.error.HTTPError as err:
-            return err.code
-        except OSError:
-            return None
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        """Poll `ready_path` until 200; raise (with the log) if the process exits or the time runs out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.command[2:4]} exited with {self.process.returncode}:\n{self.log()}")
-            if self.readyz() == 200:
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.command[2:4]} not ready after {timeout:.0f} s:\n{self.log()}")
-
-    def stop(self) -> None:
-        """End the process group and every process it started, gracefully first (SIGTERM, 15 s)."""
-        if self.process is None:
-            return
-        # circus (bentoml serve) starts each worker with setsid, so they are not in the group: list them first.
-        try:
-            children = psutil.Process(self.process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            children = []
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)  # the arbiter (or uvicorn) stops its workers on SIGTERM
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=15)
-        _, alive = psutil.wait_procs(children, timeout=5)
-        for process in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=5)
-
-    def __enter__(self: Served) -> Served:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
-
-
-class ServedClassifier(ServedProcess):
-    """`bentoml serve serving.service:Classifier` (extra `args` such as `--arg name=value`), BENTOML_HOME=home."""
-
-    def __init__(self, *args: str, home: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
-        port = free_port()
-        serve = ["-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "-p", str(port), *args]
-        env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "1", **(env or {})}
-        super().__init__([sys.executable, *serve], port, log_path, env)
-        self.home = home
+PEERS = {
+    "fastapi": Peer(
+        "FastAPI peer",
+        "-m uvicorn benchmarks.peer_fastapi:app --host 127.0.0.1 --port {port} --workers {workers} --no-access-log",
+        "/healthz",
+        ("fastapi", "starlette", "uvicorn", "python-multipart", "onnxruntime"),
+    ),
+    "bentoml": Peer(
+        "BentoML peer",
+        "-m bentoml serve benchmarks.peer_bentoml:ImageClassifier --host 127.0.0.1 -p {port}",
+        "/readyz",
+        ("bentoml", "starlette", "uvicorn", "onnxruntime"),
+        bentoml_home=True,
+    ),
+    "litserve": Peer(
+        "LitServe peer",
+        "-m benchmarks.peer_litserve --host 127.0.0.1 --port {port}",
+        "/health",
+        ("litserve", "fastapi", "starlette", "uvicorn", "pyzmq", "onnxruntime"),
+    ),
+}
 
 
 class ServedPeer(ServedProcess):
-    """The hand-written FastAPI peer under `uvicorn --workers N`, serving `model` with `threads` ONNX Runtime
-    threads per worker."""
+    """The peer `name` (a key of PEERS; default the FastAPI peer) serving `model` with `workers` processes of
+    `threads` ONNX Runtime threads each; where it batches, at most `max_batch_size` per batch and BentoML's
+    `max_latency_ms` or LitServe's `batch_timeout_ms` (None: the peer's own default)."""
 
-    ready_path = "/healthz"
-
-    def __init__(self, model: Path, *, workers: int, threads: int, log_path: Path, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        model: Path,
+        *,
+        workers: int,
+        threads: int,
+        log_path: Path,
+        backend: str = "auto",
+        name: str = "fastapi",
+        max_batch_size: int | None = None,
+        max_latency_ms: int | None = None,
+        batch_timeout_ms: float | None = None,
+    ) -> None:
+        if name not in PEERS:
+            raise ValueError(f"unknown peer {name!r}; choose one of: {', '.join(PEERS)}")
+        peer = PEERS[name]
         port = free_port()
-        uvicorn = ["-m", "uvicorn", "benchmarks.peer_fastapi:app", "--host", "127.0.0.1", "--port", str(port)]
-        command = [sys.executable, *uvicorn, "--workers", str(workers), "--no-access-log"]
-        env = {"CLASSIFIER_MODEL": str(model), "PEER_THREADS": str(threads), "PEER_BACKEND": backend}
+        command = [sys.executable, *peer.command.format(port=port, workers=workers).split()]
+        env = {"CLASSIFIER_MODEL": str(model), "PEER_BACKEND": backend, "PEER_WORKERS": str(workers)}
+        env["PEER_THREADS"] = str(threads)
+        if max_batch_size:
+            env["PEER_MAX_BATCH_SIZE"] = str(max_batch_size)
+        if max_latency_ms:
+            env["PEER_MAX_LATENCY_MS"] = str(max_latency_ms)
+        if batch_timeout_ms is not None:
+            env["PEER_BATCH_TIMEOUT_MS"] = str(batch_timeout_ms)
+        if peer.bentoml_home:
+            env |= {"BENTOML_HOME": str(log_path.parent / "bentoml-home"), "BENTOML_DO_NOT_TRACK": "1"}
         super().__init__(command, port, log_path, env)
+        self.name = name
+        self.ready_path = peer.ready_path

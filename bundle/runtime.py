@@ -109,6 +109,3 @@ def load_backend(model: ExportedModel, backend: str = "auto", threads: int | Non
     (default: the usable cores)."""
     kind = resolve_backend(model, backend)
     return FORMATS[kind].load(model.artifact_path(kind), threads or usable_cores())
-
-
-BACKENDS = {kind: kind for kind in FORMATS}  # TODO(remove): temporary alias while the peers move to FORMATS

@@ -1,58 +1,91 @@
 """Smoke runs of the benchmarks that CI can afford: each runs end to end at toy size (no timing assertions).
 
-The load benchmark starts the service and the hand-written FastAPI peer (benchmarks/peer_fastapi.py) in turn
-and drives both with the same load; here for one second per level. Run: `pytest tests/test_benchmarks.py`.
+The load benchmark starts the service and its three peers (benchmarks/peer_*.py: hand-written FastAPI, BentoML
+as its examples write it, LitServe) and drives them in turn with the same load; here for one second per level.
+Each peer must answer the same JPEGs with the service's labels and probabilities. Run:
+`pytest tests/test_benchmarks.py`.
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-from conftest import run_module
-from helpers import read_test_images
+from helpers import read_test_images, run_module
 
 from benchmarks.served import ServedPeer
 from bundle.manifest import load_model_dir
+from bundle.preprocess import decode_image, pixels_to_input, softmax
 from bundle.runtime import load_backend
-from serving.predict import predict_stream
 
 pytestmark = pytest.mark.slow
 
 
-def test_load_benchmark_runs_the_service_and_the_peer_side_by_side(shared_archive: Path, tmp_path: Path) -> None:
+def test_load_benchmark_runs_the_service_and_every_peer_side_by_side(shared_archive: Path, tmp_path: Path) -> None:
     out, plot = tmp_path / "load.json", tmp_path / "load.png"
-    run_module(
+    result = run_module(
         "benchmarks.load_test", "--data", str(shared_archive), "--levels", "1", "4", "--duration", "1",
         "--warmup", "0.5", "--rounds", "1", "--ort-seconds", "0.1", "--ort-batch-sizes", "1", "8", "--raw-body",
         "--out", str(out), "--plot", str(plot), timeout=600,
     )  # fmt: skip
-    result = json.loads(out.read_text())
-    kinds = [(run["kind"], run["raw"]) for run in result["runs"]]
-    assert kinds == [("service", False), ("service", True), ("peer", False)], kinds
-    for run in result["runs"]:
+    report = json.loads(out.read_text())
+    kinds = [(run["kind"], run["raw"], run.get("peer")) for run in report["runs"]]
+    assert kinds == [
+        ("service", False, None), ("service", True, None),
+        ("peer", False, "fastapi"), ("peer", False, "bentoml"), ("peer", False, "litserve"),
+    ], kinds  # fmt: skip
+    for run in report["runs"]:
         assert [level["concurrency"] for level in run["levels"]] == [1, 4]
-        assert all(level["ok"] > 0 and not level["errors"] for level in run["levels"]), run["levels"]
-    assert len(result["comparison"]) == 4 and all(row["requests_per_s_ratio"] > 0 for row in result["comparison"])
+        assert all(level["ok"] > 0 and not level["errors"] for level in run["levels"]), (run["label"], run["levels"])
+        server_library = "bentoml" if run["kind"] == "service" else run["peer"]
+        assert run["versions"][server_library] and run["versions"]["onnxruntime"], run["versions"]
+    comparison = report["comparison"]
+    assert len(comparison) == 2 * 3 * 2, comparison  # (multipart, raw body) x peers x levels
+    assert {row["peer_name"] for row in comparison} == {"fastapi", "bentoml", "litserve"}
+    assert all(row["requests_per_s_ratio"] > 0 and row["p99_ratio"] > 0 for row in comparison), comparison
+    assert f"machine: {report['environment']['cpu']}" in result.stdout and "service / peer" in result.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_peer_answers_like_the_service(default_model: Path, shared_archive: Path, tmp_path: Path) -> None:
-    """The peer is a fair comparison only if it does the same work: same answer shape, same probabilities."""
-    _, _, data = read_test_images(shared_archive, per_class=1)[0]
-    with ServedPeer(default_model, workers=1, threads=1, log_path=tmp_path / "peer.log") as peer:
-        peer.wait_ready()
-        files = [("images", ("a.jpg", data, "image/jpeg"))]
-        response = httpx.post(f"{peer.url}/classify", files=files, data={"k": "10"}, timeout=30)
-    assert response.status_code == 200, response.text
-    (answer,) = response.json()
+@pytest.mark.parametrize("peer", ["fastapi", "bentoml", "litserve"])
+def test_peer_answers_like_the_service(peer: str, default_model: Path, shared_archive: Path, tmp_path: Path) -> None:
+    """A peer is a fair comparison only if it does the same work: same answer shape, same probabilities as the
+    service's pipeline, each image's answer in its place. Three requests of 2, 1 and 3 images (six classes) are
+    sent at once, so that the batching peers gather them into one batch and must split the answers back."""
+    images = [data for _, _, data in read_test_images(shared_archive, per_class=1)[:6]]
+    requests = [[0, 1], [2], [3, 4, 5]]  # indices into images
+    log_path = tmp_path / "peer.log"
+    # LitServe waits 50 ms for a batch to fill (the other peers batch what is queued, or not at all).
+    with ServedPeer(default_model, workers=1, threads=1, log_path=log_path, name=peer, batch_timeout_ms=50) as server:
+        server.wait_ready()
+
+        def post(indices: list[int]) -> httpx.Response:
+            files = [("images", (f"{i}.jpg", images[i], "image/jpeg")) for i in indices]
+            return httpx.post(f"{server.url}/classify", files=files, data={"k": "10"}, timeout=30)
+
+        with ThreadPoolExecutor(len(requests)) as pool:
+            responses = list(pool.map(post, requests))
     model = load_model_dir(default_model)
-    ((_, expected, _),) = predict_stream(model, load_backend(model, "auto", threads=1), [("a.jpg", data)], 1, 1)
-    got = {p["label"]: p["probability"] for p in answer["predictions"]}
-    assert answer["file"] == "a.jpg" and answer["predictions"][0]["label"] == model.class_names[expected.argmax()]
-    assert max(abs(got[name] - expected[i]) for i, name in enumerate(model.class_names)) < 1e-5
+    run = load_backend(model, "auto", threads=1)  # the service's default backend, its decoding and preprocessing
+    expected = softmax(
+        run(pixels_to_input(np.stack([decode_image(d, model.contract) for d in images]), model.contract))
+    )
+    # BentoML's idiomatic API cannot carry k nor the file name (benchmarks/peer_bentoml.py): top 3, no "file".
+    k = 3 if peer == "bentoml" else 10
+    for indices, response in zip(requests, responses, strict=True):
+        assert response.status_code == 200, response.text
+        answers = response.json()
+        assert len(answers) == len(indices), answers
+        for i, answer in zip(indices, answers, strict=True):
+            assert answer["model"] == model.name and answer.get("file") == (None if peer == "bentoml" else f"{i}.jpg")
+            order = np.argsort(-expected[i], kind="stable")[:k]
+            assert [p["label"] for p in answer["predictions"]] == [model.class_names[j] for j in order], (i, answer)
+            got = np.array([p["probability"] for p in answer["predictions"]])
+            assert np.abs(got - expected[i][order]).max() < 1e-5, (i, got, expected[i][order])
 
 
 def test_train_targets_runs_every_recipe_and_reuses_finished_runs(shared_archive: Path, tmp_path: Path) -> None:

@@ -56,9 +56,13 @@ def environment_info(
     }
 
 
+SHORT_RUN_EPOCHS = 5  # runs this short get each point's value written beside it
+
+
 def plot_curves(rows: list[dict], path: Path) -> None:
     """Loss, accuracy and learning rate per epoch."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -81,6 +85,14 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     axes[2].set(title="learning rate at epoch end", xlabel="epoch")
     for ax in axes:
         ax.grid(alpha=0.3)
+        # From epoch 0, whole epochs: a short run's few points keep their place instead of filling a tiny range.
+        ax.set_xlim(0, max(epochs, default=1) + 0.5)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if len(rows) <= SHORT_RUN_EPOCHS:  # so few points: write each value beside it
+            for line in ax.get_lines():
+                for x, y in zip(*line.get_data(), strict=True):
+                    if np.isfinite(y):
+                        ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
