@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from starlette.applications import Starlette
@@ -159,13 +159,17 @@ class Api:
     def bind(self, worker: Worker) -> None:
         self.worker = worker
 
-    def handlers(self, api_routes: dict[str, str]) -> dict[tuple[str, str], Handler]:
-        """(POST, route) -> handler for each declared API ({name: route}); each must have a reader here."""
-        missing = sorted(set(api_routes) - set(self.readers))
-        if missing:
-            raise RuntimeError(f"API(s) {missing} are declared but serving/api.py has no request reader for them")
+    def handlers(self, apis: dict[str, Any]) -> dict[tuple[str, str], Handler]:
+        """(POST, route) -> handler for each declared API ({name: BentoML API method}) that has a reader here. An API without one is left to
+        BentoML's own request parsing, which is refused for APIs that take files (it writes uploads to disk
+        and downloads URLs given in file fields): those must be read here."""
+        unread = sorted(name for name, api in apis.items() if name not in self.readers and _takes_files(api))
+        if unread:
+            raise RuntimeError(f"API(s) {unread} take files but serving/api.py has no request reader for them")
         return {
-            ("POST", route): functools.partial(self._handle, self.readers[name]) for name, route in api_routes.items()
+            ("POST", api.route): functools.partial(self._handle, self.readers[name])
+            for name, api in apis.items()
+            if name in self.readers
         }
 
     def pages(self) -> Starlette:
@@ -301,6 +305,10 @@ class Api:
 
     async def docs(self, scope: dict, receive: Receive, send: Send) -> None:
         await _send_body(send, 200, (STATIC / "docs.html").read_bytes(), b"text/html; charset=utf-8")
+
+
+def _takes_files(api: Any) -> bool:  # a BentoML API method: its input spec lists its file fields
+    return bool(getattr(api.input_spec, "multipart_fields", None))
 
 
 class RouteTable:

@@ -212,12 +212,14 @@ def _observe(images: int, requests: int) -> None:
 
 # HTTP requests to the declared APIs are read by serving/api.py, never by BentoML's generic parsing (which
 # writes uploads to disk and fetches URLs): BentoML's documented middleware hook puts the handlers in front.
-ROUTES = API.handlers({name: api.route for name, api in ClassifierService.apis.items()})
+ROUTES = API.handlers(ClassifierService.apis)
 ClassifierService.add_asgi_middleware(RouteTable, routes=ROUTES)
 # The adapter's patches act when the worker builds its HTTP server, after importing this module: they are
 # installed here, at import, because no BentoML hook runs between the two.
 bentoml_adapter.use_private_prometheus_dir()
-bentoml_adapter.collapse_unknown_route_metrics([path for _, path in ROUTES] + [route.path for route in PAGES.routes])
+bentoml_adapter.collapse_unknown_route_metrics(
+    [api.route for api in ClassifierService.apis.values()] + [route.path for route in PAGES.routes]
+)
 bentoml_adapter.install_http_limits(
     max_header_bytes=SETTINGS.max_header_kb * 1024,
     header_timeout_s=SETTINGS.header_timeout_s,
