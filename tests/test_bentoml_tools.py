@@ -58,6 +58,16 @@ def _curl(url: str, *args: str) -> object:
     return json.loads(result.stdout)
 
 
+def _python(code: str, *args: str, home: Path) -> str:
+    """The last line `python -c code args` prints, in a BENTOML_HOME of its own."""
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
 def _bentoml(home: Path, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "1"}
     result = subprocess.run(
@@ -127,13 +137,7 @@ def test_the_api_methods_called_in_python_answer_like_http(served, images: list[
         "    return [await service.classify(images=paths, k=5), await service.classify_pixels(pixels=pixels, k=5)]\n"
         "print(json.dumps(asyncio.run(main())))\n"
     )
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", script, *map(str, images)], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    in_python, pixels_in_python = json.loads(result.stdout.strip().splitlines()[-1])
+    in_python, pixels_in_python = json.loads(_python(script, *map(str, images), home=tmp_path / "home"))
     over_http = httpx.post(
         f"{served.url}/classify", files=[("images", (p.name, p.read_bytes(), "image/jpeg")) for p in images],
         data={"k": "5"}, timeout=TIMEOUT,
@@ -266,12 +270,7 @@ def test_serving_imports_no_torch_and_installs_without_it(tmp_path: Path) -> Non
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'trainer',"
         " 'matplotlib', 'onnx', 'onnxscript'})))\n"
     )
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+    assert json.loads(_python(code, home=tmp_path / "home")) == []
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     names = {
         dep.split(">")[0].split("=")[0].split(";")[0].split("[")[0].strip().lower() for dep in project["dependencies"]
