@@ -170,7 +170,7 @@ class AdaptiveBatcher:
                     if expected < self.inline_max_seconds:
                         # A short batch runs right here: the hand-off to the model thread and back, and the two
                         # threads taking turns at the interpreter, cost more than the loop's pause while it runs
-                        # (README "Serving": 10% more requests/s at concurrency 32 on 2 cores).
+                        # (benchmarks/README.md, "Serving under load": 10% more requests/s at concurrency 32 on 2 cores).
                         probabilities = self.run_batch(pixels)
                     else:
                         probabilities = await loop.run_in_executor(self._thread, self.run_batch, pixels)

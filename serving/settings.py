@@ -20,7 +20,7 @@ class ServiceSettings(BaseModel):
     # exported_models/default (serving/model_store.py: a folder is also imported into the store, for `bentoml build`).
     model: str = ""
     # auto: the INT8 model when its export gate passed (2.4x the fp32 model's images/s at batch 64, same test
-    # accuracy for the bundled model: README, benchmarks/inference_speed.py), else fp32 ONNX.
+    # accuracy for the bundled model: benchmarks/README.md, benchmarks/inference_speed.py), else fp32 ONNX.
     backend: Literal[*BACKEND_CHOICES] = "auto"
     # One worker process per usable core, one intra-op thread each: on 2 cores this served 46% more
     # requests/s at concurrency 32 than 1 worker x 2 threads, p99 230 vs 308 ms (2026-11-27, AVX2 machine,
@@ -31,8 +31,8 @@ class ServiceSettings(BaseModel):
     max_batch_size: int = Field(64, ge=2)  # images per adaptive batch
     # A batch the model is expected to finish within this many milliseconds runs on the worker's event loop,
     # longer ones in a model thread (so that health checks stay answered meanwhile): on 2 cores, running
-    # short batches on the loop served 10% more requests/s at concurrency 32 and 21% more at 8 (README
-    # "Serving"). 0: every batch in the thread.
+    # short batches on the loop served 10% more requests/s at concurrency 32 and 21% more at 8
+    # (benchmarks/README.md, "Serving under load"). 0: every batch in the thread.
     inline_max_ms: float = Field(30.0, ge=0)
     # A request the model's queue would answer later than this is refused at once (503); 0: timeout_s.
     max_latency_ms: int = Field(0, ge=0)

@@ -141,7 +141,7 @@ def allowed_range(f: Field) -> str:
 # its decay of 0.0153 per 1024 examples is 1.33e-3 here.
 #
 # The default model, fast_resnet_256 at 13 epochs, is the most accurate recipe measured that fits 15 minutes
-# of wall time on the project's 2-core machine (README, benchmarks/train_targets.py). Each choice was made on
+# of wall time on the project's 2-core machine (benchmarks/README.md, benchmarks/train_targets.py). Each choice was made on
 # the 5,000-image validation split (45,000 training images, seed 0, TTA level 2), never on the test set:
 # - width 64/256/256 rather than 48/96/192: in about the same training time the wide net reaches more
 #   (validation 90.5% after 10 epochs, against 90.0% for the narrow net after 24 epochs);
@@ -150,7 +150,7 @@ def allowed_range(f: Field) -> str:
 # - bf16 autocast where the CPU computes bf16 natively (trainer/precision.py): 1.8x the fp32 throughput
 #   (benchmarks/train_throughput.py), validation accuracy unchanged within noise (fast_resnet, 5 epochs:
 #   86.2% bf16, 86.4% fp32); CPUs without it train in fp32, about 3x slower than this machine;
-# - whitening statistics from a seeded sample of all classes (trainer/fit.py; README: effect over 3 seeds);
+# - whitening statistics from a seeded sample of all classes (trainer/fit.py; benchmarks/README.md: effect over 3 seeds);
 # - TTA level 2 (mirror + 1-pixel shifts): +0.15 point over mirror alone on validation (mean of two runs),
 #   for about 25 s more at the end of a run.
 RECIPES: dict[str, dict] = {
