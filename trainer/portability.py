@@ -4,8 +4,9 @@ beside ONNX Runtime, on the exporter's parity images.
 Each runtime runs in a child process: a runtime that crashes on a file (OpenCV 4.12 and 5.x segfaulted in
 `readNetFromONNX` on the opset-18 bundle) is reported as refused and the export goes on. A runtime that is not
 installed is reported as not checked, never as passed. A file that loads is compared with ONNX Runtime's
-logits of the same file on the same images: top-1 agreement and the largest logit difference, each within the
-tolerance stated for its kind of file (fp32 or INT8), else the check failed.
+logits of the same file on the same images: every logit within the bound stated for its kind of file (fp32 or
+INT8), else the check failed. Top-1 agreement is recorded too; within the bound, labels can differ only where
+ONNX Runtime's two best logits are closer than twice the bound (near ties, common in a weakly trained model).
 """
 
 from __future__ import annotations
@@ -28,17 +29,16 @@ CHILD_TIMEOUT_S = 300  # load + run 1,000 images; OpenVINO compiles in about a s
 
 @dataclass(frozen=True)
 class Tolerance:
-    """How close another runtime must come to ONNX Runtime on the same file."""
+    """How close another runtime must come to ONNX Runtime on the same file: every logit within this."""
 
-    min_top1_agreement: float
     max_abs_logit_diff: float
 
 
 # fp32: every runtime computes in f32; measured max |diff| 1e-5 here (OpenVINO f32, OpenCV 5.1) on logits of
 # magnitude ~5, so 1e-3 leaves a margin of 100x while a wrong layout or a lost normalisation differs by >1.
-# INT8: runtimes round and accumulate quantised values their own way; OpenVINO and OpenCV agreed with ONNX
-# Runtime on 99.6% of top-1 labels for the earlier bundle (issue 20), hence 99% and a looser logit bound.
-TOLERANCES = {"fp32": Tolerance(1.0, 1e-3), "int8": Tolerance(0.99, 0.5)}
+# INT8: runtimes round and accumulate quantised values their own way: up to 0.25 apart on the earlier bundle
+# (OpenVINO, 99.5% of labels equal; issue 20), hence 0.5.
+TOLERANCES = {"fp32": Tolerance(1e-3), "int8": Tolerance(0.5)}
 
 
 @dataclass(frozen=True)
@@ -100,13 +100,11 @@ def judge(runtime: ForeignRuntime, outcome: np.ndarray | str | None, reference: 
             "version": version,
             "error": f"output shape {outcome.shape}, expected {reference.shape}",
         }
-    agreement = float((outcome.argmax(1) == reference.argmax(1)).mean())
     diff = float(np.abs(outcome - reference).max())
-    passed = agreement >= tolerance.min_top1_agreement and diff <= tolerance.max_abs_logit_diff
     return {
-        "status": "passed" if passed else "failed",
+        "status": "passed" if diff <= tolerance.max_abs_logit_diff else "failed",
         "version": version,
-        "top1_agreement": agreement,
+        "top1_agreement": float((outcome.argmax(1) == reference.argmax(1)).mean()),
         "max_abs_logit_diff": diff,
         "images": len(reference),
         "tolerance": asdict(tolerance),
