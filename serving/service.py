@@ -97,10 +97,10 @@ PAGES = API.pages()
 )
 @bentoml.asgi_app(PAGES, path="/")
 class ClassifierService:
-    """Classifies images into the model's classes (CIFAR-10: airplane, automobile, bird, cat, deer, dog, frog,
-    horse, ship, truck). Any image is brought to the model's input as its manifest says (EXIF orientation,
-    alpha on white, centre crop, bicubic resize). `GET /model` answers the manifest (accuracy, input contract,
-    checksums); `GET /` is a page to try it. Errors are JSON {"error": message, "status": code}."""
+    """Classifies images into the model's classes. Any image is brought to the model's input as its manifest
+    says (EXIF orientation, alpha on white, centre crop, bicubic resize). `GET /model` answers the manifest
+    (classes, accuracy, input contract, checksums); `GET /` is a page to try it. Errors are JSON
+    {"error": message, "status": code}."""
 
     model_ref = bentoml.models.BentoModel(SOURCE.tag)  # the model `bentoml build` packs into the Bento
 
