@@ -3,8 +3,9 @@
     python -m benchmarks.inference_speed [--threads 2] [--seconds 2] [--repeats 5]
 
 Measures images/s at batch sizes 1, 8, 64 and 256 for the bundled default
-model (exported_models/default; its eager model is rebuilt from model.pt2's
-weights) and for a CIFAR ResNet-18 (from --resnet18-checkpoint, or randomly
+model (exported_models/default; its eager model is its architecture with the
+weights of --bundle-checkpoint, of model.pt2 when the folder has one, or random
+ones: speed does not depend on the weights) and for a CIFAR ResNet-18 (from --resnet18-checkpoint, or randomly
 initialised: speed does not depend on the weights). The ResNet-18 artifacts
 are exported in a temporary folder with the same code and gates as
 `python -m trainer.export`. Prints a table (median of --repeats timed runs of
@@ -40,16 +41,20 @@ BACKENDS = ("torch_eager", "torchscript", "onnx", "onnx_int8")
 RESULTS = Path(__file__).parent / "results"
 
 
-def eager_from_bundle(folder: Path) -> torch.nn.Module:
-    """The bundled model as an nn.Module: its architecture from the manifest, its weights from model.pt2."""
+def eager_from_bundle(folder: Path, checkpoint: str | None = None) -> torch.nn.Module:
+    """The bundled model as an nn.Module: the manifest's architecture with the training run's weights
+    (`checkpoint`), else model.pt2's when exported with --pt2, else random ones (the bundle ships no eager
+    weights: its TorchScript is frozen; speed does not depend on the weights)."""
+    if checkpoint:
+        return load_trained_model(checkpoint)[0].eval()
     model = load_model_dir(folder)
-    program = torch.export.load(str(model.artifact_path("torch_export")))
     contract = model.contract
     net = build_model(model.manifest["architecture"], len(model.class_names))
     module = NormalizedModel(net, contract["normalization"]["mean"], contract["normalization"]["std"])
     if model.manifest.get("tta") == "mirror":
         module = MirrorAveraged(module)
-    module.load_state_dict(program.state_dict)
+    if "torch_export" in model.manifest["artifacts"]:
+        module.load_state_dict(torch.export.load(str(model.artifact_path("torch_export"))).state_dict)
     return module.eval()
 
 
@@ -92,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model-dir", default="exported_models/default", help="bundled model folder (default: %(default)s)"
     )
+    parser.add_argument(
+        "--bundle-checkpoint", help="the bundle's training run, for its eager model's weights (default: none)"
+    )
     parser.add_argument("--resnet18-checkpoint", help="a trained ResNet-18 run (default: random weights)")
     parser.add_argument(
         "--data", default="../shared/datasets/cifar10-jpeg.tar.gz", help="CIFAR-10 source (default: %(default)s)"
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         models = {
             bundle.name: {
-                "torch_eager": torch_runner(eager_from_bundle(bundle.folder)),
+                "torch_eager": torch_runner(eager_from_bundle(bundle.folder, args.bundle_checkpoint)),
                 "torchscript": load_backend(bundle, "torchscript", threads=args.threads),
                 "onnx": load_backend(bundle, "onnx", threads=args.threads),
                 "onnx_int8": load_backend(bundle, "onnx_int8", threads=args.threads),

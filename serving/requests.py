@@ -154,6 +154,41 @@ def parse_multipart(body: bytes, content_type: str, *, max_files: int) -> tuple[
     boundary = options.get(b"boundary")
     if not boundary:
         raise RequestError(400, f"multipart body without a boundary; {how}")
+    parts = _multipart_parts(body, boundary, max_files, how)
+    uploads, fields = [], {}
+    for part in parts:
+        disposition = part["headers"].get(b"content-disposition")
+        if disposition is None:
+            raise RequestError(400, f"a multipart part has no Content-Disposition header; {how}")
+        _, params = parse_options_header(disposition)
+        name = params.get(b"name", b"").decode("utf-8", "replace")
+        data = b"".join(part["data"])
+        if name == FILE_FIELD:
+            if b"filename" not in params:
+                raise RequestError(
+                    400,
+                    f"field {FILE_FIELD!r} holds text ({data[:60].decode('utf-8', 'replace')!r}), not a file; upload "
+                    "the image bytes. This service never fetches URLs.",
+                )
+            filename = params[b"filename"].decode("utf-8", "replace") or "image"
+            if not data:
+                raise RequestError(400, f"image {filename!r} is an empty file")
+            uploads.append(Upload(filename, data))
+        elif name == "k":
+            if b"filename" in params:
+                raise RequestError(400, "k must be a plain form field (a number), not a file")
+            fields["k"] = data
+        else:
+            raise RequestError(400, f"unknown form field {name!r}; {how} (and optionally k)")
+    if not uploads:
+        raise RequestError(400, f"no images: {how}")
+    if len(uploads) > max_files:
+        raise RequestError(413, f"too many images in one request: {len(uploads)}, the limit is {max_files}")
+    return uploads, fields
+
+
+def _multipart_parts(body: bytes, boundary: bytes, max_files: int, how: str) -> list[dict]:
+    """Each part's headers (lower-cased names) and data chunks, from python-multipart's streaming callbacks."""
     parts: list[dict] = []
     current: dict = {}
     header_field, header_value = bytearray(), bytearray()
@@ -194,42 +229,10 @@ def parse_multipart(body: bytes, content_type: str, *, max_files: int) -> tuple[
         raise
     except Exception as err:  # python-multipart raises several types on malformed input
         raise RequestError(400, f"malformed multipart body ({err}); {how}") from None
-
-    uploads, fields = [], {}
-    for part in parts:
-        disposition = part["headers"].get(b"content-disposition")
-        if disposition is None:
-            raise RequestError(400, f"a multipart part has no Content-Disposition header; {how}")
-        _, params = parse_options_header(disposition)
-        name = params.get(b"name", b"").decode("utf-8", "replace")
-        data = b"".join(part["data"])
-        if name == FILE_FIELD:
-            if b"filename" not in params:
-                raise RequestError(
-                    400,
-                    f"field {FILE_FIELD!r} holds text ({data[:60].decode('utf-8', 'replace')!r}), not a file; upload "
-                    "the image bytes. This service never fetches URLs.",
-                )
-            filename = params[b"filename"].decode("utf-8", "replace") or "image"
-            if not data:
-                raise RequestError(400, f"image {filename!r} is an empty file")
-            uploads.append(Upload(filename, data))
-        elif name == "k":
-            if b"filename" in params:
-                raise RequestError(400, "k must be a plain form field (a number), not a file")
-            fields["k"] = data
-        else:
-            raise RequestError(400, f"unknown form field {name!r}; {how} (and optionally k)")
-    if not uploads:
-        raise RequestError(400, f"no images: {how}")
-    if len(uploads) > max_files:
-        raise RequestError(413, f"too many images in one request: {len(uploads)}, the limit is {max_files}")
-    return uploads, fields
+    return parts
 
 
 # ------------------------------------------------------------------ /classify_pixels
-
-
 def json_body_limit(max_images: int, height: int, width: int, channels: int) -> int:
     """The largest sensible JSON body of `max_images` pixel arrays: at most 6 characters per value ("255, "
     plus its share of brackets and line breaks), and room for `k`."""

@@ -179,25 +179,10 @@ def _build_bundle(
     each artifact's logits on the test images."""
     served = MirrorAveraged(model).eval() if options.tta == "mirror" else model
     metadata = _onnx_metadata(name, state, contract, options)
-    paths, parity, logits = {}, {}, {"torch_eager": _batched(torch_runner(served), data.test_x)}
+    logits = {"torch_eager": _batched(torch_runner(served), data.test_x)}
     if options.tta != "none":
         logits["torch_eager_without_tta"] = _batched(torch_runner(model), data.test_x)
-    expected = reference_outputs(torch_runner(served), data.parity_x, PARITY_BATCH_SIZES)
-    for kind, write in fp32_writers(options).items():
-        paths[kind] = folder / FORMATS[kind].file
-        log.info(
-            "exporting %s (%s); parity gate on %d test images at batch sizes %s",
-            kind,
-            FORMATS[kind].description,
-            len(data.parity_x),
-            PARITY_BATCH_SIZES,
-        )
-        write(served, paths[kind])
-        if paths[kind].suffix == ".onnx":
-            describe_onnx(paths[kind], metadata)
-        runner = _load(kind, paths[kind])
-        parity[kind] = check_parity(kind, expected, runner, data.parity_x, rtol=FP32_RTOL, atol=FP32_ATOL)
-        logits[kind] = _batched(runner, data.test_x)
+    paths, parity = _write_fp32(served, folder, data, options, metadata, logits)
     if options.int8:
         paths["onnx_int8"] = folder / FORMATS["onnx_int8"].file
         log.info("quantising to INT8 (static QDQ, %d calibration images from the training set)", len(data.calibration))
@@ -232,6 +217,30 @@ def _build_bundle(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     return manifest, logits
+
+
+def _write_fp32(
+    served: torch.nn.Module, folder: Path, data: ExportData, options: ExportOptions, metadata: dict, logits: dict
+) -> tuple[dict[str, Path], dict]:
+    """Write each fp32 artifact behind its parity gate against `served`; adds its test logits to `logits`."""
+    paths, parity = {}, {}
+    expected = reference_outputs(torch_runner(served), data.parity_x, PARITY_BATCH_SIZES)
+    for kind, write in fp32_writers(options).items():
+        paths[kind] = folder / FORMATS[kind].file
+        log.info(
+            "exporting %s (%s); parity gate on %d test images at batch sizes %s",
+            kind,
+            FORMATS[kind].description,
+            len(data.parity_x),
+            PARITY_BATCH_SIZES,
+        )
+        write(served, paths[kind])
+        if paths[kind].suffix == ".onnx":
+            describe_onnx(paths[kind], metadata)
+        runner = _load(kind, paths[kind])
+        parity[kind] = check_parity(kind, expected, runner, data.parity_x, rtol=FP32_RTOL, atol=FP32_ATOL)
+        logits[kind] = _batched(runner, data.test_x)
+    return paths, parity
 
 
 def _load(kind: str, path: Path) -> Runner:

@@ -46,6 +46,7 @@ def write_model_card(
 
 def card_text(manifest: dict, served: str) -> str:
     """MODEL_CARD.md from the manifest."""
+    # Longer than a screen on purpose: one template that reads top to bottom in the order of the card it writes.
     names, contract = manifest["class_names"], manifest["input"]
     accuracy, artifacts = manifest["test_accuracy"], manifest["artifacts"]
     training = manifest.get("training", {})
