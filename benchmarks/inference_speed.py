@@ -4,9 +4,9 @@
 
 Measures images/s at batch sizes 1, 8, 64 and 256 for the bundled default
 model (exported_models/default; its eager model is its architecture with the
-weights of --bundle-checkpoint, of model.pt2 when the folder has one, or random
-ones: speed does not depend on the weights) and for a CIFAR ResNet-18 (from --resnet18-checkpoint, or randomly
-initialised: speed does not depend on the weights). The ResNet-18 artifacts
+weights of --bundle-checkpoint, else model.pt2's when the folder has one, else
+random ones) and for a CIFAR ResNet-18 (from --resnet18-checkpoint, or randomly
+initialised): speed does not depend on the weights. The ResNet-18 artifacts
 are exported in a temporary folder with the same code and gates as
 `python -m trainer.export`. Prints a table (median of --repeats timed runs of
 --seconds each) and saves benchmarks/results/inference_speed.json.

@@ -182,7 +182,8 @@ def _build_bundle(
     logits = {"torch_eager": _batched(torch_runner(served), data.test_x)}
     if options.tta != "none":
         logits["torch_eager_without_tta"] = _batched(torch_runner(model), data.test_x)
-    paths, parity = _write_fp32(served, folder, data, options, metadata, logits)
+    paths, parity, fp32_logits = _write_fp32(served, folder, data, options, metadata)
+    logits.update(fp32_logits)
     if options.int8:
         paths["onnx_int8"] = folder / FORMATS["onnx_int8"].file
         log.info("quantising to INT8 (static QDQ, %d calibration images from the training set)", len(data.calibration))
@@ -220,10 +221,11 @@ def _build_bundle(
 
 
 def _write_fp32(
-    served: torch.nn.Module, folder: Path, data: ExportData, options: ExportOptions, metadata: dict, logits: dict
-) -> tuple[dict[str, Path], dict]:
-    """Write each fp32 artifact behind its parity gate against `served`; adds its test logits to `logits`."""
-    paths, parity = {}, {}
+    served: torch.nn.Module, folder: Path, data: ExportData, options: ExportOptions, metadata: dict
+) -> tuple[dict[str, Path], dict, dict[str, np.ndarray]]:
+    """Write each fp32 artifact behind its parity gate against `served`: each one's path, parity record and
+    logits on the test images."""
+    paths, parity, logits = {}, {}, {}
     expected = reference_outputs(torch_runner(served), data.parity_x, PARITY_BATCH_SIZES)
     for kind, write in fp32_writers(options).items():
         paths[kind] = folder / FORMATS[kind].file
@@ -240,7 +242,7 @@ def _write_fp32(
         runner = _load(kind, paths[kind])
         parity[kind] = check_parity(kind, expected, runner, data.parity_x, rtol=FP32_RTOL, atol=FP32_ATOL)
         logits[kind] = _batched(runner, data.test_x)
-    return paths, parity
+    return paths, parity, logits
 
 
 def _load(kind: str, path: Path) -> Runner:
