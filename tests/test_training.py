@@ -465,6 +465,19 @@ def test_fit_compile_trains_the_same_weights_as_eager(shared_archive: Path, tmp_
         assert worst <= COMPILED_ATOL, f"{key}: compiled and eager weights differ by {worst:.3g}"
 
 
+def test_fit_refuses_compile_with_bf16_on_the_cpu(shared_archive: Path, tmp_path: Path) -> None:
+    """--compile with bf16 on the CPU trains nothing (non-finite gradients at step 1 under torch 2.14.1):
+    refused before any run folder exists, with the reason and the two ways out."""
+    out = tmp_path / "compiled-bf16"
+    args = tiny_fit_args(shared_archive, out, "--compile")
+    args[args.index("--precision") + 1] = "bf16"
+    result = run_module("trainer.fit", *args, check=False, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "--compile with bf16 autocast on the CPU is refused" in result.stderr, result.stderr[-3000:]
+    assert "pytorch/pytorch#186799" in result.stderr and "--precision fp32" in result.stderr
+    assert not (out / "checkpoint.pt").exists() and not (out / "config.json").exists()
+
+
 # ------------------------------------------------------------------ per-epoch weights (time-to-accuracy curves)
 
 

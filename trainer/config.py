@@ -99,7 +99,9 @@ class TrainConfig:
         "auto", "auto: bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32"
     )
     channels_last: bool = _option(True, "NHWC memory format (faster convolutions on CPU and GPU)")
-    compile: bool = _option(False, "torch.compile the model (worth it on GPU; its warm-up is timed separately)")
+    compile: bool = _option(
+        False, "torch.compile the model (for GPUs; its warm-up is timed separately; refused on CPU with bf16)"
+    )
     threads: int = _option(0, "CPU threads for PyTorch (0 = default: all cores)", low=0)
     seed: int = _option(0, "random seed; CPU runs with the same seed give the same weights")
     out: str = _option("runs/latest", "run folder for checkpoint.pt, metrics.jsonl, report.json and plots")
