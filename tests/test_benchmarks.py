@@ -113,3 +113,22 @@ def test_train_targets_runs_every_recipe_and_reuses_finished_runs(shared_archive
     second = json.loads(out.read_text())
     assert second["default"]["runs"][0]["process_wall_s"] == default["process_wall_s"]
     assert second["budgets"][0]["epochs"] == budget["epochs"]
+
+
+def test_int8_calibration_judges_variants_on_the_validation_split_only(
+    exported_model: Path, default_model: Path, shared_archive: Path, tmp_path: Path
+) -> None:
+    """Each variant is scored on the run's validation images (the manifest's --val-size), against the fp32 file;
+    a model trained without a validation split is refused (no choosing on test images)."""
+    out = tmp_path / "int8.json"
+    args = ["--variants", "stem-int8", "stem-float", "--out", str(out)]
+    run_module("benchmarks.int8_calibration", str(exported_model), *args, timeout=900)
+    result = json.loads(out.read_text())
+    manifest = json.loads((exported_model / "manifest.json").read_text())
+    assert result["validation_images"] == manifest["training"]["config"]["val_size"] > 0
+    assert [row["variant"] for row in result["variants"]] == ["stem-int8", "stem-float"]
+    for row in result["variants"]:
+        assert row["drop_points"] == pytest.approx(100 * (result["fp32_accuracy"] - row["accuracy"]))
+        assert 0.5 < row["agreement"] <= 1 and row["calibration_images"] == 512
+    refused = run_module("benchmarks.int8_calibration", str(default_model), "--out", str(out), check=False)
+    assert refused.returncode == 2 and "without a validation split" in refused.stderr, refused.stderr[-2000:]

@@ -66,14 +66,30 @@ def export_pt2(model: torch.nn.Module, path: Path) -> None:
     torch.export.save(program, str(path))
 
 
-def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> None:
+def export_int8(
+    fp32_path: Path,
+    path: Path,
+    calibration: np.ndarray,
+    *,
+    stem_in_float: bool = True,
+    head_in_float: bool = False,
+    calibration_method: str = "MinMax",
+) -> None:
     """Static QDQ INT8 (per-channel int8 weights, uint8 activations) calibrated on training images. Nodes whose
     weights are 1-D or scalars (BatchNormalization's scale and shift, the scalar logit scale) stay in float:
     ONNX Runtime quantises their weights with a per-channel axis those tensors lack, which OpenCV 4.x refuses
     ("axis >= -dims && axis < dims"), and they cost a few multiply-adds per channel either way. The stem (the first
-    Conv, which reads the normalised image) stays in float too: see `_stem_conv`."""
+    Conv, which reads the normalised image) stays in float too: see `_stem_conv`. The keyword options are the
+    alternatives benchmarks/int8_calibration.py measures on a validation split; the defaults are its choice
+    (`calibration_method`: MinMax, Entropy or Percentile, as in onnxruntime's CalibrationMethod)."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class _Reader(CalibrationDataReader):
@@ -89,7 +105,10 @@ def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> None:
     graph = onnx.load(str(prepared)).graph
     small = {init.name for init in graph.initializer if len(init.dims) <= 1}
     in_float = [n.name for n in graph.node if n.op_type not in ("Conv", "Gemm") and small & set(n.input)]
-    in_float.append(_stem_conv(graph))
+    if stem_in_float:
+        in_float.append(_stem_conv(graph))
+    if head_in_float:
+        in_float += [n.name for n in graph.node if n.op_type == "Gemm"]
     # reduce_range: 7-bit weights. Without it, x86 CPUs lacking VNNI (AVX2-only) saturate in
     # VPMADDUBSW: a ResNet-20 kept only 70% top-1 agreement with fp32 on this project's AVX2 machine
     # (94% with reduce_range); see ONNX Runtime's quantization docs, "reduce_range".
@@ -103,6 +122,7 @@ def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> None:
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=in_float,
+        calibrate_method=CalibrationMethod[calibration_method],
     )
     prepared.unlink()
 
