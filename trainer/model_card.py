@@ -69,6 +69,7 @@ def card_text(manifest: dict, served: str) -> str:
         "",
         "```python",
         "from serving import Classifier",
+        "",  # a blank line after imports, as ruff formats the card's code block
         f'Classifier.load("exported_models/{manifest["name"]}").predict("cat.jpg", k=3)',
         "```",
         "",
