@@ -19,7 +19,7 @@ class ServiceSettings(BaseModel):
     # An exported model folder or a BentoML model-store tag (cifar10-classifier:latest); empty: the bundled
     # exported_models/default (serving/model_store.py: a folder is also imported into the store, for `bentoml build`).
     model: str = ""
-    # auto: the INT8 model when its export gate passed (2.1-3.0x the fp32 model's images/s at batch 8-64, 0.22
+    # auto: the INT8 model when its export gate passed (2.1-3.1x the fp32 model's images/s at batch 8-64, 0.05
     # point less test accuracy for the bundled model: benchmarks/README.md, benchmarks/inference_speed.py), else fp32.
     backend: Literal[*BACKEND_CHOICES] = "auto"
     # One worker process per usable core, one intra-op thread each: on 2 cores this served 46% more
