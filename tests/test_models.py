@@ -186,6 +186,33 @@ def test_fast_resnet_init_from_data_stacks_filters_and_their_negation() -> None:
     assert not weight.requires_grad, "the whitening filters must stay frozen"
 
 
+@torch.no_grad()
+def test_fast_resnet_deep_groups_follow_airbench96() -> None:
+    """Each group: conv1 -> pool -> BN -> GELU gives x0, then conv2 -> BN -> GELU -> conv3 -> BN, added to x0,
+    then GELU (airbench96's ConvGroup), computed here by hand from the group's own layers."""
+    model = build_model("fast_resnet_deep").eval()
+    for group in model.blocks:  # non-trivial BN statistics, so a misplaced norm shows
+        for norm in (group.norm1, group.norm2, group.norm3):
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 24, 31, 31)
+    for group in model.blocks:
+        x0 = torch.nn.functional.gelu(group.norm1(torch.nn.functional.max_pool2d(group.conv1(x), 2)))
+        y = torch.nn.functional.gelu(group.norm2(group.conv2(x0)))
+        expected = torch.nn.functional.gelu(x0 + group.norm3(group.conv3(y)))
+        torch.testing.assert_close(group(x), expected)
+        x = expected
+    assert len(model.blocks) == 3 and [g.conv3.out_channels for g in model.blocks] == [64, 256, 256]
+
+
+def test_fast_resnet_two_conv_groups_keep_their_state_dict_keys() -> None:
+    """Bundles exported before the deep variant existed load into today's fast_resnet_* unchanged."""
+    keys = set(build_model("fast_resnet_320").state_dict())
+    assert not any("conv3" in k or "norm3" in k for k in keys)
+    assert "blocks.2.conv2.weight" in keys and "blocks.2.norm2.running_var" in keys
+
+
 # ------------------------------------------------------------------ exportability
 
 

@@ -66,29 +66,40 @@ def _fast_batchnorm(channels: int) -> nn.BatchNorm2d:
 
 
 class _FastBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, deep: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.norm1 = _fast_batchnorm(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.norm2 = _fast_batchnorm(c_out)
+        # airbench96: a third conv, the residual spanning the last two. After the pool, so it adds
+        # depth at a quarter of conv1's cost.
+        self.deep = deep
+        if deep:
+            self.conv3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+            self.norm3 = _fast_batchnorm(c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
-        return x + F.gelu(self.norm2(self.conv2(x)))
+        if not self.deep:
+            return x + F.gelu(self.norm2(self.conv2(x)))
+        y = F.gelu(self.norm2(self.conv2(x)))
+        return F.gelu(x + self.norm3(self.conv3(y)))
 
 
 class FastResNet(nn.Module):
     """Patch-whitening stem, three residual groups, max-pooled linear head."""
 
-    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256)):
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256), deep: bool = False):
         super().__init__()
         # 2x2 patches have 12 dims; the stem holds their whitened eigenbasis
         # and its negation (24 filters). Set from data by `init_from_data`.
         self.whiten = nn.Conv2d(3, 24, kernel_size=2, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.blocks = nn.Sequential(
-            _FastBlock(24, widths[0]), _FastBlock(widths[0], widths[1]), _FastBlock(widths[1], widths[2])
+            _FastBlock(24, widths[0], deep),
+            _FastBlock(widths[0], widths[1], deep),
+            _FastBlock(widths[1], widths[2], deep),
         )
         self.head = nn.Linear(widths[2], num_classes, bias=False)
         # airbench scales logits down (1/9): keeps early softmax outputs soft.
@@ -140,6 +151,11 @@ def _fast_resnet_256(num_classes: int) -> nn.Module:
 @_register("fast_resnet_320", "fast_resnet at widths 80/320/320, ~3.1M params (fp32 ONNX ~12 MB)")
 def _fast_resnet_320(num_classes: int) -> nn.Module:
     return FastResNet(num_classes, widths=(80, 320, 320))
+
+
+@_register("fast_resnet_deep", "fast_resnet_256 with airbench96's 3 convs per group, ~3.1M params (fp32 ONNX ~12 MB)")
+def _fast_resnet_deep(num_classes: int) -> nn.Module:
+    return FastResNet(num_classes, widths=(64, 256, 256), deep=True)
 
 
 @_register("fast_resnet_512", "fast_resnet at airbench96-like widths 128/384/512, ~6.1M params")
