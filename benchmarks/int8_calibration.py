@@ -24,10 +24,11 @@ from bundle.environment import machine_info
 from bundle.preprocess import pixels_to_input
 from bundle.runtime import onnx_runner
 from trainer.data import load_dataset, split_validation
+from trainer.export import ExportOptions, calibration_inputs
 from trainer.formats import export_int8
 
 RESULTS = Path(__file__).parent / "results"
-CALIBRATION_IMAGES = 512  # as trainer.export's default
+CALIBRATION_IMAGES = ExportOptions.calibration_images  # the exporter's default
 VARIANTS: dict[str, tuple[str, dict]] = {  # name: (what it is, export_int8 options; "images": calibration size)
     "stem-int8": ("stem quantised (the exporter before 2026-12-06)", dict(stem_in_float=False)),
     "stem-int8-2048": ("stem quantised, 2048 calibration images", dict(stem_in_float=False, images=2048)),
@@ -71,10 +72,9 @@ def main() -> None:
         for name in args.variants:
             description, options = VARIANTS[name][0], dict(VARIANTS[name][1])
             images = options.pop("images", CALIBRATION_IMAGES)
-            chosen = np.random.default_rng(0).permutation(len(train_x))[:images]
             started = time.perf_counter()
             path = Path(scratch) / "model.int8.onnx"
-            export_int8(args.folder / "model.onnx", path, pixels_to_input(train_x[chosen], contract), **options)
+            export_int8(args.folder / "model.onnx", path, calibration_inputs(train_x, images, contract), **options)
             top1 = batched_logits(path, val_input).argmax(1)
             accuracy = float(np.mean(top1 == val_y))
             rows.append(

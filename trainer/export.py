@@ -156,14 +156,20 @@ def _export_data(source: str, state: ModelCheckpoint, contract: dict, options: E
     pixels = dataset.test_images[order]
     test_x = pixels_to_input(pixels, contract)
     train_x, *_ = split_validation(dataset.train_images, dataset.train_labels, 0)
-    chosen = np.random.default_rng(0).permutation(len(train_x))[: options.calibration_images]
     return ExportData(
         parity_x=test_x[: options.parity_images],
         test_x=test_x,
         test_y=dataset.test_labels[order],
         test_pixels=pixels,
-        calibration=pixels_to_input(train_x[chosen], contract),
+        calibration=calibration_inputs(train_x, options.calibration_images, contract),
     )
+
+
+def calibration_inputs(train_images: np.ndarray, count: int, contract: dict) -> np.ndarray:
+    """INT8 calibration data: `count` of the uint8 (N, H, W, 3) training images, drawn with a fixed seed, in the
+    contract's input form."""
+    chosen = np.random.default_rng(0).permutation(len(train_images))[:count]
+    return pixels_to_input(train_images[chosen], contract)
 
 
 def _build_bundle(
