@@ -13,7 +13,8 @@ import fails with a clear error; tests/test_serving.py and tests/test_hardening.
    service's routes as one value before that middleware sees them.
 3. Each worker receives that folder as $PROMETHEUS_MULTIPROC_DIR and its index in
    `bentoml.server_context.worker_index`; `note_worker_start` keeps a pid file per worker index there, so a
-   worker that replaces one killed without shutting down (SIGKILL, out of memory) says so in the log.
+   worker that replaces one killed without shutting down (SIGKILL, out of memory) says so in the log, and
+   a ready file per warmed-up worker, so that /readyz answers for the whole server (`all_workers_ready`).
 4. The worker builds `uvicorn.Config` with the default `http="auto"`, resolved through
    `uvicorn.config.HTTP_PROTOCOLS` when the worker starts, after it imported the service module.
    `install_http_limits` maps it to `GuardedHttpToolsProtocol`, uvicorn's httptools protocol with limits
@@ -150,6 +151,31 @@ def note_worker_exit() -> None:
     """A clean shutdown: the next worker with this index is not a replacement."""
     if pid_file := _worker_pid_file():
         pid_file.unlink(missing_ok=True)
+        pid_file.with_suffix(".ready").unlink(missing_ok=True)
+
+
+def note_worker_ready() -> None:
+    """Record that this worker has warmed up (worker-<index>.ready holds its pid)."""
+    if pid_file := _worker_pid_file():
+        with contextlib.suppress(OSError):
+            pid_file.with_suffix(".ready").write_text(str(os.getpid()))
+
+
+def all_workers_ready(workers: int) -> bool:
+    """Whether `workers` live workers of this server have warmed up; True outside `bentoml serve`.
+
+    BentoML asks each worker's `__is_ready__` for GET /readyz, and the port spreads requests over the workers:
+    with per-worker readiness, /readyz said 200 while another worker still answered 503 "warming up" (a test
+    saw it in CI). A worker killed without shutting down leaves a ready file with a dead pid, which does not
+    count, so the server is not ready again until its replacement has warmed up."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return True
+    ready = 0
+    for path in Path(folder).glob("worker-*.ready"):
+        with contextlib.suppress(OSError, ValueError):
+            ready += _pid_alive(int(path.read_text()))
+    return ready >= workers
 
 
 # ------------------------------------------------------------------ 2. one metrics label for unknown paths

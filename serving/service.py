@@ -189,13 +189,14 @@ class ClassifierService:
         gc.collect()
         gc.freeze()
         self.ready = True
+        bentoml_adapter.note_worker_ready()
 
     def _probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, classes); run by the batcher."""
         return self.classifier.probabilities(pixels)
 
-    def __is_ready__(self) -> bool:
-        return self.ready
+    def __is_ready__(self) -> bool:  # GET /readyz: 200 once every worker has warmed up, not just this one
+        return self.ready and bentoml_adapter.all_workers_ready(SETTINGS.workers)
 
     def __is_alive__(self) -> bool:
         return self.failed is None

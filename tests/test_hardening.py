@@ -286,6 +286,7 @@ def test_uploads_never_touch_the_disk_and_a_killed_worker_is_logged(guarded, jpe
     while guarded.log(10**7).count(" warmed up in ") <= warmed_up:  # the replacement loads the model
         assert time.monotonic() < deadline, guarded.log()
         time.sleep(0.2)
+    guarded.wait_ready(timeout=60)  # every worker again, the replacement included (later tests use the server)
     left = [f for f in guarded.tmp.rglob("*") if f.is_file() and jpeg[:256] in f.read_bytes()]
     assert left == [], "uploads were left in the server's temporary folder"
 

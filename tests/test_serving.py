@@ -118,7 +118,8 @@ def limited(default_model: Path, tmp_path_factory: pytest.TempPathFactory, test_
             if status == 503 and not any(answers for *_, answers in served.startup):
                 early = (_post_images(served, [("a.jpg", jpeg)]), _post_pixels(served, np.zeros((1, 32, 32, 3), int)))
             served.startup.append((time.monotonic() - start, status, early))
-            if status == 200:
+            if status == 200:  # at once, on new connections, so they spread over both workers
+                served.first_answers = [_post_images(served, [("a.jpg", jpeg)]) for _ in range(8)]
                 break
             time.sleep(0.3)
         served.wait_ready(timeout=5)
@@ -668,6 +669,32 @@ def test_service_not_ready_while_warming_up(limited) -> None:
     images, pixels = next(answers for *_, answers in limited.startup if answers)
     for response in (images, pixels):
         _assert_json_error(response, 503, "warming up")
+    assert [r.status_code for r in limited.first_answers] == [200] * 8, [r.text for r in limited.first_answers]
+
+
+def test_readiness_waits_for_every_worker(tmp_path, monkeypatch) -> None:
+    """/readyz is asked of whichever worker the port hands the request to: it must say 200 only when all of
+    them have warmed up, and not while a killed worker's replacement is still warming up."""
+    import bentoml
+
+    from serving import bentoml_adapter
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for index in (1, 2):
+        monkeypatch.setattr(bentoml.server_context, "worker_index", index)
+        assert not bentoml_adapter.all_workers_ready(2)
+        bentoml_adapter.note_worker_ready()
+    assert bentoml_adapter.all_workers_ready(2)
+    (tmp_path / "worker-2.ready").write_text(str(dead.pid))  # worker 2 killed without shutting down
+    assert not bentoml_adapter.all_workers_ready(2)
+    bentoml_adapter.note_worker_ready()  # its replacement (this process, as worker 2) has warmed up
+    assert bentoml_adapter.all_workers_ready(2)
+    bentoml_adapter.note_worker_exit()  # a clean shutdown
+    assert not bentoml_adapter.all_workers_ready(2) and bentoml_adapter.all_workers_ready(1)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    assert bentoml_adapter.all_workers_ready(2)  # outside `bentoml serve` (an in-process test client)
 
 
 @slow
