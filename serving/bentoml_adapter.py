@@ -114,10 +114,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _server_folder() -> Path | None:
+    """The folder this server handed its workers (see 1 and 3 above); None outside `bentoml serve`."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(folder) if folder else None
+
+
 def _worker_pid_file() -> Path | None:
     """worker-<index>.pid in the server's own folder; None outside `bentoml serve`."""
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    return Path(folder) / f"worker-{bentoml.server_context.worker_index or 0}.pid" if folder else None
+    folder = _server_folder()
+    return folder / f"worker-{bentoml.server_context.worker_index or 0}.pid" if folder else None
 
 
 def note_worker_start(log: logging.Logger) -> None:
@@ -168,11 +174,11 @@ def all_workers_ready(workers: int) -> bool:
     with per-worker readiness, /readyz said 200 while another worker still answered 503 "warming up" (a test
     saw it in CI). A worker killed without shutting down leaves a ready file with a dead pid, which does not
     count, so the server is not ready again until its replacement has warmed up."""
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not folder:
+    folder = _server_folder()
+    if folder is None:
         return True
     ready = 0
-    for path in Path(folder).glob("worker-*.ready"):
+    for path in folder.glob("worker-*.ready"):
         with contextlib.suppress(OSError, ValueError):
             ready += _pid_alive(int(path.read_text()))
     return ready >= workers
